@@ -1,0 +1,58 @@
+"""vfio-emu: emulate the Linux VFIO device life cycle in userspace.
+
+The primitives live in a shared-memory Arena so several processes can hold
+references: Refcount (refcount_t), Kref and Completion, each with the exact
+Linux v6.1 semantics, and a WARN log readable from every process.
+"""
+
+from vfio_emu.arena import Arena, SlotInfo
+from vfio_emu.clock import MAX_SCHEDULE_TIMEOUT, Clock
+from vfio_emu.completion import ERESTARTSYS, UINT_MAX, Completion
+from vfio_emu.dmesg import WarnRecord
+from vfio_emu.errors import (
+    ArenaClosedError,
+    ArenaError,
+    ArenaExistsError,
+    ArenaFormatError,
+    ArenaFullError,
+    ArenaNotFoundError,
+    DoubleFreeError,
+    EmulatorError,
+    InvalidArgumentError,
+    InvalidHandleError,
+    UseAfterFreeError,
+)
+from vfio_emu.handle import Handle, Token
+from vfio_emu.refcount import REFCOUNT_MAX, REFCOUNT_SATURATED, Kref, KrefArray, Refcount
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ERESTARTSYS",
+    "MAX_SCHEDULE_TIMEOUT",
+    "REFCOUNT_MAX",
+    "REFCOUNT_SATURATED",
+    "UINT_MAX",
+    "Arena",
+    "ArenaClosedError",
+    "ArenaError",
+    "ArenaExistsError",
+    "ArenaFormatError",
+    "ArenaFullError",
+    "ArenaNotFoundError",
+    "Clock",
+    "Completion",
+    "DoubleFreeError",
+    "EmulatorError",
+    "Handle",
+    "InvalidArgumentError",
+    "InvalidHandleError",
+    "Kref",
+    "KrefArray",
+    "Refcount",
+    "SlotInfo",
+    "Token",
+    "UseAfterFreeError",
+    "WarnRecord",
+    "__version__",
+]

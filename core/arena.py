@@ -1,0 +1,379 @@
+"""The shared-memory arena: where every refcount, kref and completion lives.
+
+Several processes attach the same named segment and hold references to the
+same objects.  The creator owns the segment: closing it (or the context
+manager, or interpreter exit) unlinks it; a process that only attached never
+unlinks.  The C core keeps the segment consistent on its own - there are no
+locks in it - so an exception, a signal or a killed process leaves it usable.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vfio_emu import _binding as C
+from vfio_emu import dmesg
+from vfio_emu.clock import Clock
+from vfio_emu.completion import Completion
+from vfio_emu.errors import (
+    ArenaClosedError,
+    ArenaError,
+    ArenaExistsError,
+    ArenaFormatError,
+    ArenaFullError,
+    ArenaNotFoundError,
+    EmulatorError,
+    InvalidArgumentError,
+    InvalidHandleError,
+    UseAfterFreeError,
+)
+from vfio_emu.handle import KIND_BY_NAME, KIND_NAMES, Handle, Token, int32
+from vfio_emu.refcount import Kref, Refcount
+
+_CLASSES: dict[int, type[Handle]] = {
+    C.KIND_REFCOUNT: Refcount, C.KIND_KREF: Kref, C.KIND_COMPLETION: Completion}
+
+#: Arenas open in this process by name, so unpickled handles find their mapping.
+_open_arenas: weakref.WeakValueDictionary[str, Arena] = weakref.WeakValueDictionary()
+
+_FORMAT_PROBLEMS = {
+    C.E_FOREIGN: "is not a vfio-emu arena (no vfio-emu magic in its header)",
+    C.E_VERSION: "has another layout version than this vfio-emu",
+    C.E_TRUNCATED: "is truncated: smaller than its header says",
+    C.E_CORRUPT: "is corrupt: its header fields contradict each other or the segment size",
+}
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    """A snapshot of one live object, for leak listings."""
+
+    kind: str
+    index: int
+    gen: int
+    label: str
+    value: int
+    owner_pid: int
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"arena name must be a str, not {type(name).__name__}")
+    if not name or len(name) > 200 or "/" in name or "\0" in name or name in (".", ".."):
+        raise InvalidArgumentError(
+            f"arena name {name!r} is not a valid shared-memory name "
+            "(1-200 characters, no '/' or NUL)")
+    return name
+
+
+def _os_error(rc: int, err: int, name: str) -> ArenaError:
+    if rc == C.E_NOENT:
+        return ArenaNotFoundError(f"no arena named '{name}' (no such shared-memory segment)")
+    if rc == C.E_EXIST:
+        return ArenaExistsError(f"a shared-memory segment named '{name}' already exists")
+    if rc in _FORMAT_PROBLEMS:
+        return ArenaFormatError(f"segment '{name}' {_FORMAT_PROBLEMS[rc]}")
+    return ArenaError(f"arena '{name}': {os.strerror(err) if err else f'status {rc}'}")
+
+
+def _unlink_at_exit(name: str, creator_pid: int) -> None:
+    """Safety net for a creator that never closed: unlink at collection or exit."""
+    if os.getpid() == creator_pid:
+        C.shm_unlink(("/" + name).encode(), C.new("int *"))
+
+
+class Arena:
+    """A named shared-memory segment of fixed-size object slots and a WARN ring."""
+
+    def __init__(self, ptr: Any, name: str, owner: bool) -> None:
+        """Use Arena.create() or Arena.attach()."""
+        self._ptr = C.gc(ptr, C.arena_release)
+        self._name = name
+        self._pid = os.getpid()
+        info = self._info()
+        self._capacity = int(info.capacity)
+        self._warn_capacity = int(info.warn_capacity)
+        self._clock = Clock(hz=int(info.hz), time_scale=float(info.time_scale),
+                            epoch_ns=int(info.created_ns))
+        self._finalizer = (weakref.finalize(self, _unlink_at_exit, name, self._pid)
+                           if owner else None)
+        _open_arenas[name] = self
+
+    # -- life cycle -------------------------------------------------------
+
+    @classmethod
+    def create(cls, capacity: int = 1024, name: str | None = None, *, hz: int = 250,
+               time_scale: float = 1.0, warn_capacity: int = 256) -> Arena:
+        """Create a new segment exclusively (mode 0600) and own it.
+
+        capacity: number of object slots (1 to 4 Mi).  hz and time_scale
+        set the emulated clock (see vfio_emu.clock).  warn_capacity: how
+        many WARN records the ring keeps before overwriting the oldest.
+        """
+        if name is None:
+            name = f"vfio-emu-{os.getpid()}-{secrets.token_hex(4)}"
+        _check_name(name)
+        for what, value, top in (("capacity", capacity, C.CAPACITY_MAX),
+                                 ("warn_capacity", warn_capacity, C.WARN_CAPACITY_MAX)):
+            if type(value) is not int or not 1 <= value <= top:
+                raise InvalidArgumentError(f"{what}={value!r} must be an int from 1 to {top}")
+        if type(hz) is not int or not 1 <= hz <= 100_000:
+            raise InvalidArgumentError(f"hz={hz!r} must be an int from 1 to 100000")
+        if not isinstance(time_scale, (int, float)) or not 0 < time_scale < float("inf"):
+            raise InvalidArgumentError(f"time_scale={time_scale!r} must be a positive number")
+        out, err = C.new("vfio_arena_t **"), C.new("int *")
+        rc = C.arena_create(("/" + name).encode(), capacity, warn_capacity, hz,
+                            float(time_scale), out, err)
+        if rc:
+            raise _os_error(rc, err[0], name)
+        return cls(out[0], name, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> Arena:
+        """Map an existing arena; refuses a missing, foreign, truncated or other-version one."""
+        _check_name(name)
+        out, err = C.new("vfio_arena_t **"), C.new("int *")
+        rc = C.arena_attach(("/" + name).encode(), out, err)
+        if rc:
+            raise _os_error(rc, err[0], name)
+        return cls(out[0], name, owner=False)
+
+    @staticmethod
+    def unlink(name: str) -> None:
+        """Remove a segment by name, e.g. one left behind by a creator that was killed."""
+        _check_name(name)
+        err = C.new("int *")
+        rc = C.shm_unlink(("/" + name).encode(), err)
+        if rc:
+            raise _os_error(rc, err[0], name)
+
+    def close(self) -> None:
+        """Unmap this process's view; the creator also unlinks the segment.
+
+        Objects of this arena raise ArenaClosedError afterwards (their
+        memory is replaced by private zero pages, so nothing can crash).
+        """
+        if self.closed:
+            return
+        owner = self._finalizer is not None and os.getpid() == self._pid
+        err = C.new("int *")
+        rc = C.arena_close(self._ptr, int(owner), err)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        if _open_arenas.get(self._name) is self:
+            del _open_arenas[self._name]
+        if rc:
+            raise ArenaError(f"closing arena '{self._name}': {os.strerror(err[0])}")
+
+    def __enter__(self) -> Arena:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_attach_cached, (self._name,))
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.in_use}/{self._capacity} slots in use"
+        return f"<Arena '{self._name}' {state}>"
+
+    # -- properties ---------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def in_use(self) -> int:
+        """Objects currently allocated, across all processes."""
+        return int(self._info().in_use)
+
+    @property
+    def owner(self) -> bool:
+        """True in the process that created the segment (and will unlink it)."""
+        return self._finalizer is not None and os.getpid() == self._pid
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._info().closed)
+
+    @property
+    def clock(self) -> Clock:
+        """The emulated clock shared by every process of this arena."""
+        return self._clock
+
+    @property
+    def spin_ns(self) -> int:
+        """How long (real ns) a wait spins before it sleeps in this process; 0 on one CPU."""
+        return int(self._info().spin_ns)
+
+    @spin_ns.setter
+    def spin_ns(self, value: int) -> None:
+        if type(value) is not int or value < 0:
+            raise InvalidArgumentError(f"spin_ns={value!r} must be a non-negative int")
+        C.arena_set_spin(self._ptr, value)
+
+    # -- objects ----------------------------------------------------------------
+
+    def refcount(self, value: int = 1, label: str | None = None) -> Refcount:
+        """A refcount_t set to value (REFCOUNT_INIT(value))."""
+        n = int32(value, "value")
+        r = self._alloc(Refcount, label)
+        C.refcount_set(r._h, n)
+        return r
+
+    def kref(self, label: str | None = None,
+             release: Callable[[Kref], object] | None = None) -> Kref:
+        """A kref after kref_init() (count 1); release is the default for put()."""
+        k = self._alloc(Kref, label)
+        C.refcount_set(k._h, 1)
+        k.release = release
+        return k
+
+    def completion(self, label: str | None = None) -> Completion:
+        """A completion after init_completion() (done = 0)."""
+        return self._alloc(Completion, label)
+
+    def open(self, token: Token | tuple[str, str, int, int]) -> Any:
+        """Reopen an object from its token (as another process sends it)."""
+        try:
+            arena, kind, index, gen = token
+        except (TypeError, ValueError):
+            raise InvalidHandleError(f"{token!r} is not an object token") from None
+        if arena != self._name:
+            raise InvalidHandleError(
+                f"token {tuple(token)!r} belongs to arena '{arena}', not '{self._name}'")
+        if kind not in KIND_BY_NAME:
+            raise InvalidHandleError(f"token {tuple(token)!r}: unknown object kind {kind!r}")
+        return self._open(KIND_BY_NAME[kind], index, gen)
+
+    def objects(self) -> list[SlotInfo]:
+        """Every live object, across all processes: the raw material of a leak report."""
+        info = C.new("vfio_slot_info_t *")
+        out = []
+        for index in range(self._capacity):
+            if C.slot_info(self._ptr, index, info):
+                raise ArenaClosedError(f"arena '{self._name}' is closed")
+            if info.gen & 1 and info.kind in KIND_NAMES:
+                value = info.done if info.kind == C.KIND_COMPLETION else info.refs & 0xFFFFFFFF
+                out.append(SlotInfo(KIND_NAMES[info.kind], index, int(info.gen),
+                                    C.string(info.label).decode("utf-8", "replace"),
+                                    int(value), int(info.owner_pid)))
+        return out
+
+    # -- WARN log --------------------------------------------------------------
+
+    def dmesg(self, since: int = 0) -> list[dmesg.WarnRecord]:
+        """WARN records with a sequence number above since, oldest first, from every process."""
+        info = self._info()
+        if info.closed:
+            raise ArenaClosedError(f"arena '{self._name}' is closed")
+        return dmesg.read(self._ptr, since, int(info.warn_head), self._warn_capacity)
+
+    @property
+    def warn_seq(self) -> int:
+        """Sequence number of the newest WARN (pass it to dmesg(since=...) later)."""
+        return int(self._info().warn_head)
+
+    def warn(self, text: str, obj: Handle | None = None) -> dmesg.WarnRecord:
+        """Record a WARN raised by a higher layer, with the caller's stack."""
+        h = obj._h if obj is not None else C.NULL
+        seq = C.warn_emit(self._ptr, h, C.WARN_OTHER, text.encode("utf-8", "replace"))
+        if seq < 0:
+            if obj is not None:
+                raise obj._error(seq, "warn")
+            raise ArenaClosedError(f"arena '{self._name}' is closed")
+        dmesg.attach_stack(self._ptr, seq)
+        return next(r for r in dmesg.read(self._ptr, seq - 1, seq, self._warn_capacity))
+
+    # -- internals ---------------------------------------------------------------
+
+    def _info(self) -> Any:
+        info = C.new("vfio_arena_info_t *")
+        C.arena_info(self._ptr, info)
+        return info
+
+    def _alloc(self, cls: Any, label: str | None) -> Any:
+        if label is not None and not isinstance(label, str):
+            raise InvalidArgumentError(f"label must be a str, not {type(label).__name__}")
+        raw = (label or "").encode("utf-8", "replace")[: C.LABEL_MAX - 1]
+        h = C.new("vfio_handle_t *")
+        rc = C.slot_alloc(self._ptr, cls.KIND, raw, h)
+        if rc == C.E_FULL:
+            raise ArenaFullError(
+                f"arena '{self._name}' is full: all {self._capacity} slots are in use")
+        if rc:
+            raise self._status_error(rc, "allocate")
+        return cls(self, h)
+
+    def _open(self, kind: int, index: object, gen: object) -> Any:
+        if type(index) is not int or type(gen) is not int:
+            raise InvalidHandleError(f"slot index and generation must be ints: {index!r}, {gen!r}")
+        if not 0 <= index < self._capacity:
+            raise InvalidHandleError(
+                f"slot {index} is out of range for arena '{self._name}' "
+                f"(capacity {self._capacity})")
+        if not 0 <= gen < (1 << 32):
+            raise InvalidHandleError(f"generation {gen} is out of range")
+        h = C.new("vfio_handle_t *")
+        rc = C.handle_open(self._ptr, index, gen, kind, h)
+        if rc == C.E_STALE and not self.closed:
+            raise UseAfterFreeError(
+                f"use-after-free: open() of {KIND_NAMES[kind]} slot {index} gen {gen} "
+                f"in arena '{self._name}'; the slot {self._slot_state(index)}")
+        if rc == C.E_KIND:
+            raise InvalidHandleError(
+                f"slot {index} of arena '{self._name}' does not hold a {KIND_NAMES[kind]}; "
+                f"it {self._slot_state(index)}")
+        if rc:
+            raise self._status_error(rc, "open")
+        return _CLASSES[kind](self, h)
+
+    def _status_error(self, rc: int, op: str) -> EmulatorError:
+        if self.closed:
+            return ArenaClosedError(f"{op}: arena '{self._name}' is closed")
+        if rc == C.E_RANGE:
+            return InvalidHandleError(f"{op}: slot out of range in arena '{self._name}'")
+        if rc == C.E_CORRUPT:
+            return ArenaFormatError(f"{op}: arena '{self._name}' free list is corrupt")
+        return ArenaError(f"{op} in arena '{self._name}' failed with status {rc}")
+
+    def _slot_info(self, index: int) -> Any:
+        info = C.new("vfio_slot_info_t *")
+        if C.slot_info(self._ptr, index, info):
+            raise ArenaClosedError(f"arena '{self._name}' is closed")
+        return info
+
+    def _slot_label(self, index: int) -> str:
+        return C.string(self._slot_info(index).label).decode("utf-8", "replace")  # type: ignore[no-any-return]
+
+    def _slot_state(self, index: int) -> str:
+        """What the slot holds now, for use-after-free reports."""
+        info = self._slot_info(index)
+        if not info.gen & 1:
+            return f"is free (gen {info.gen})"
+        label = C.string(info.label).decode("utf-8", "replace")
+        name = f" '{label}'" if label else ""
+        return (f"now holds {KIND_NAMES.get(info.kind, '?')}{name} gen {info.gen} "
+                f"of pid {info.owner_pid}")
+
+
+def _attach_cached(name: str) -> Arena:
+    """Unpickle an Arena: reuse this process's mapping if it has one."""
+    arena = _open_arenas.get(name)
+    return arena if arena is not None and not arena.closed else Arena.attach(name)
+
+
+def _reopen(name: str, kind: int, index: int, gen: int) -> Handle:
+    """Unpickle a handle: the same object, reached through this process's mapping."""
+    return _attach_cached(name)._open(kind, index, gen)  # type: ignore[no-any-return]

@@ -1,0 +1,110 @@
+"""The WARN log: records read back from the arena's ring, printed the way the kernel prints them.
+
+The C core writes a record the moment a WARN fires (kind, text, object, pid,
+values); the Python caller then attaches its own stack.  Capturing the
+stack costs nothing on the non-warning path: it happens only after C
+reported a WARN.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from vfio_emu import _binding as C
+
+#: Modules whose frames are the emulator's own plumbing, not the caller's code.
+_INTERNAL = frozenset(
+    {"vfio_emu.handle", "vfio_emu.refcount", "vfio_emu.completion", "vfio_emu.dmesg",
+     "vfio_emu.arena"}
+)
+_KIND_NAMES = {C.KIND_REFCOUNT: "refcount", C.KIND_KREF: "kref",
+               C.KIND_COMPLETION: "completion"}
+
+
+def caller_stack(limit: int = 24) -> str:
+    """The Python stack of the code that called into the emulator, innermost last."""
+    frame: Any = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") in _INTERNAL:
+        frame = frame.f_back
+    return "".join(traceback.format_list(traceback.extract_stack(frame, limit=limit)))
+
+
+@dataclass(frozen=True)
+class WarnRecord:
+    """One WARN as the kernel would log it, with the Python stack that triggered it."""
+
+    seq: int
+    kind: str
+    text: str
+    pid: int
+    tid: int
+    time_ns: int
+    object_kind: str
+    object_index: int
+    object_gen: int
+    label: str
+    old: int
+    new: int
+    stack: str
+
+    @property
+    def object(self) -> str:
+        """The object the WARN is about, as reports name it."""
+        if not self.object_kind:
+            return "-"
+        label = f" '{self.label}'" if self.label else ""
+        return f"{self.object_kind}{label} (slot {self.object_index}, gen {self.object_gen})"
+
+    def __str__(self) -> str:
+        lines = [
+            "------------[ cut here ]------------",
+            self.text,
+            f"WARNING: PID: {self.pid} TID: {self.tid} seq {self.seq} on {self.object}",
+        ]
+        if self.kind != "WARN":
+            lines.append(f"refcount {self.old & 0xFFFFFFFF:#x} -> {self.new & 0xFFFFFFFF:#x}")
+        if self.stack:
+            lines.append("Call Trace (Python):")
+            lines.append(self.stack.rstrip("\n"))
+        lines.append("---[ end trace ]---")
+        return "\n".join(lines)
+
+
+def _decode(buf: Any) -> str:
+    return C.string(buf).decode("utf-8", "replace")  # type: ignore[no-any-return]
+
+
+def read(arena_ptr: Any, since: int, head: int, capacity: int) -> list[WarnRecord]:
+    """Records with seq > since that are still in the ring, oldest first."""
+    first = max(since + 1, head - capacity + 1, 1)
+    entry = C.new("vfio_warn_entry_t *")
+    out = []
+    for seq in range(first, head + 1):
+        if C.warn_read(arena_ptr, seq, entry) != 0:
+            continue  # overwritten, or its writer died mid-record
+        out.append(
+            WarnRecord(
+                seq=seq,
+                kind=C.WARN_KINDS.get(entry.kind, str(entry.kind)),
+                text=_decode(entry.text),
+                pid=entry.pid,
+                tid=entry.tid,
+                time_ns=entry.time_ns,
+                object_kind=_KIND_NAMES.get(entry.obj_kind, ""),
+                object_index=entry.obj_index,
+                object_gen=entry.obj_gen,
+                label=_decode(entry.label),
+                old=entry.old,
+                new=entry.new,
+                stack=_decode(entry.stack),
+            )
+        )
+    return out
+
+
+def attach_stack(arena_ptr: Any, first_seq: int) -> None:
+    """Give the caller's stack to the WARNs this thread just recorded from first_seq on."""
+    C.warn_set_stack(arena_ptr, first_seq, caller_stack().encode("utf-8", "replace"))

@@ -1,0 +1,398 @@
+// SPDX-License-Identifier: MIT
+/*
+ * arena.c - the shared-memory segment: header, 128-byte slots, the lock-free
+ * slot allocator and handles.
+ *
+ * Nothing in the segment is trusted: every index read from it or passed in
+ * is bounds-checked, and a process killed at any point leaves it usable
+ * (there are no locks; at worst one slot is lost to the free list).
+ */
+#define _GNU_SOURCE
+#include "vfio_emu.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+int64_t vfio_monotonic_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static uint64_t layout_size(uint32_t capacity, uint32_t warn_capacity)
+{
+	return VFIO_HDR_SIZE + (uint64_t)capacity * VFIO_SLOT_SIZE +
+	       (uint64_t)warn_capacity * VFIO_WARN_REC_SIZE;
+}
+
+/* Spinning before a futex sleep only pays when the waker can run meanwhile. */
+static int64_t default_spin_ns(void)
+{
+	cpu_set_t set;
+
+	if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) < 2)
+		return 0;
+	return sysconf(_SC_NPROCESSORS_ONLN) > 1 ? 5000 : 0;
+}
+
+static struct vfio_arena *arena_new(const char *name, char *base, size_t size, int owner)
+{
+	struct vfio_arena *a = calloc(1, sizeof(*a));
+
+	if (!a)
+		return NULL;
+	a->base = base;
+	a->size = size;
+	a->hdr = (struct vfio_arena_hdr *)base;
+	a->slots = (struct vfio_slot *)(base + a->hdr->slots_offset);
+	a->ring = (struct vfio_warn_rec *)(base + a->hdr->ring_offset);
+	a->capacity = a->hdr->capacity;
+	a->warn_capacity = a->hdr->warn_capacity;
+	a->owner = owner;
+	a->spin_ns = default_spin_ns();
+	strncpy(a->name, name, sizeof(a->name) - 1);
+	return a;
+}
+
+int vfio_arena_create(const char *name, uint32_t capacity, uint32_t warn_capacity,
+		      uint32_t hz, double time_scale, vfio_arena_t **out, int *err)
+{
+	struct vfio_arena_hdr *hdr;
+	uint64_t size;
+	char *base;
+	int fd;
+
+	*out = NULL;
+	*err = 0;
+	if (!capacity || capacity > VFIO_CAPACITY_MAX || !warn_capacity ||
+	    warn_capacity > VFIO_WARN_CAPACITY_MAX || !hz || !(time_scale > 0))
+		return VFIO_E_INVAL;
+	size = layout_size(capacity, warn_capacity);
+
+	fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
+	if (fd < 0) {
+		*err = errno;
+		return errno == EEXIST ? VFIO_E_EXIST : VFIO_E_SYS;
+	}
+	if (ftruncate(fd, (off_t)size) < 0)
+		goto fail_unlink;
+	base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (base == MAP_FAILED)
+		goto fail_unlink;
+	close(fd);
+
+	hdr = (struct vfio_arena_hdr *)base;
+	hdr->version = VFIO_ARENA_VERSION;
+	hdr->slot_size = VFIO_SLOT_SIZE;
+	hdr->capacity = capacity;
+	hdr->warn_capacity = warn_capacity;
+	hdr->warn_rec_size = VFIO_WARN_REC_SIZE;
+	hdr->hdr_size = VFIO_HDR_SIZE;
+	hdr->total_size = size;
+	hdr->slots_offset = VFIO_HDR_SIZE;
+	hdr->ring_offset = VFIO_HDR_SIZE + (uint64_t)capacity * VFIO_SLOT_SIZE;
+	hdr->created_ns = vfio_monotonic_ns();
+	hdr->time_scale = time_scale;
+	hdr->hz = hz;
+	hdr->creator_pid = (uint32_t)getpid();
+
+	/* Every slot starts free (gen 0, even) and linked in index order. */
+	struct vfio_slot *slots = (struct vfio_slot *)(base + hdr->slots_offset);
+	for (uint32_t i = 0; i < capacity; i++)
+		atomic_store_explicit(&slots[i].next_free, i + 2 <= capacity ? i + 2 : 0,
+				      memory_order_relaxed);
+	atomic_store_explicit(&hdr->free_head, 1, memory_order_relaxed);
+	atomic_store_explicit((_Atomic uint64_t *)&hdr->magic, VFIO_ARENA_MAGIC,
+			      memory_order_release);
+
+	*out = arena_new(name, base, size, 1);
+	if (!*out) {
+		munmap(base, size);
+		shm_unlink(name);
+		*err = ENOMEM;
+		return VFIO_E_SYS;
+	}
+	return VFIO_OK;
+
+fail_unlink:
+	*err = errno;
+	close(fd);
+	shm_unlink(name);
+	return VFIO_E_SYS;
+}
+
+/* Check every header field against the others and against the file size. */
+static int check_header(const struct vfio_arena_hdr *hdr, uint64_t file_size)
+{
+	uint64_t magic = atomic_load_explicit((_Atomic uint64_t *)&hdr->magic,
+					      memory_order_acquire);
+
+	if (magic != VFIO_ARENA_MAGIC)
+		return VFIO_E_FOREIGN;
+	if (hdr->version != VFIO_ARENA_VERSION)
+		return VFIO_E_VERSION;
+	if (hdr->slot_size != VFIO_SLOT_SIZE || hdr->warn_rec_size != VFIO_WARN_REC_SIZE ||
+	    hdr->hdr_size != VFIO_HDR_SIZE || !hdr->capacity ||
+	    hdr->capacity > VFIO_CAPACITY_MAX || !hdr->warn_capacity ||
+	    hdr->warn_capacity > VFIO_WARN_CAPACITY_MAX || !hdr->hz ||
+	    !(hdr->time_scale > 0) ||
+	    hdr->total_size != layout_size(hdr->capacity, hdr->warn_capacity) ||
+	    hdr->slots_offset != VFIO_HDR_SIZE ||
+	    hdr->ring_offset != VFIO_HDR_SIZE + (uint64_t)hdr->capacity * VFIO_SLOT_SIZE)
+		return VFIO_E_CORRUPT;
+	if (file_size < hdr->total_size)
+		return VFIO_E_TRUNCATED;
+	if (file_size != hdr->total_size)
+		return VFIO_E_CORRUPT;
+	return VFIO_OK;
+}
+
+int vfio_arena_attach(const char *name, vfio_arena_t **out, int *err)
+{
+	struct stat st;
+	char *base;
+	int fd, rc;
+
+	*out = NULL;
+	*err = 0;
+	fd = shm_open(name, O_RDWR, 0);
+	if (fd < 0) {
+		*err = errno;
+		return errno == ENOENT ? VFIO_E_NOENT : VFIO_E_SYS;
+	}
+	if (fstat(fd, &st) < 0) {
+		*err = errno;
+		close(fd);
+		return VFIO_E_SYS;
+	}
+	if ((uint64_t)st.st_size < VFIO_HDR_SIZE) {
+		close(fd);
+		/* An empty or short file has no room even for the magic. */
+		return st.st_size < (off_t)sizeof(uint64_t) ? VFIO_E_FOREIGN : VFIO_E_TRUNCATED;
+	}
+	base = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	*err = errno;
+	close(fd);
+	if (base == MAP_FAILED)
+		return VFIO_E_SYS;
+	rc = check_header((struct vfio_arena_hdr *)base, (uint64_t)st.st_size);
+	if (rc != VFIO_OK) {
+		munmap(base, (size_t)st.st_size);
+		*err = 0;
+		return rc;
+	}
+	*out = arena_new(name, base, (size_t)st.st_size, 0);
+	if (!*out) {
+		munmap(base, (size_t)st.st_size);
+		*err = ENOMEM;
+		return VFIO_E_SYS;
+	}
+	*err = 0;
+	return VFIO_OK;
+}
+
+/*
+ * Close this process's view.  The shared mapping is replaced in place by
+ * private zero pages, so a handle still pointing into it reads generation 0
+ * (never valid) and fails cleanly instead of faulting.  The address range
+ * itself is returned by vfio_arena_release() once nothing can reference it.
+ */
+int vfio_arena_close(vfio_arena_t *a, int unlink_it, int *err)
+{
+	int rc = VFIO_OK;
+
+	*err = 0;
+	if (a->closed)
+		return VFIO_OK;
+	if (mmap(a->base, a->size, PROT_READ | PROT_WRITE,
+		 MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) == MAP_FAILED) {
+		*err = errno;
+		return VFIO_E_SYS;
+	}
+	a->closed = 1;
+	if (unlink_it && shm_unlink(a->name) < 0) {
+		*err = errno;
+		rc = VFIO_E_SYS;
+	}
+	return rc;
+}
+
+void vfio_arena_release(vfio_arena_t *a)
+{
+	if (!a)
+		return;
+	munmap(a->base, a->size);
+	free(a);
+}
+
+int vfio_shm_unlink(const char *name, int *err)
+{
+	*err = 0;
+	if (shm_unlink(name) == 0)
+		return VFIO_OK;
+	*err = errno;
+	return errno == ENOENT ? VFIO_E_NOENT : VFIO_E_SYS;
+}
+
+void vfio_arena_info(const vfio_arena_t *a, vfio_arena_info_t *out)
+{
+	const struct vfio_arena_hdr *h = a->hdr;
+
+	memset(out, 0, sizeof(*out));
+	out->closed = a->closed;
+	out->owner = a->owner;
+	out->spin_ns = a->spin_ns;
+	out->capacity = a->capacity;
+	out->warn_capacity = a->warn_capacity;
+	if (a->closed)
+		return;
+	out->in_use = atomic_load_explicit(&((struct vfio_arena_hdr *)h)->in_use,
+					   memory_order_relaxed);
+	out->hz = h->hz;
+	out->time_scale = h->time_scale;
+	out->created_ns = h->created_ns;
+	out->creator_pid = h->creator_pid;
+	out->warn_head = atomic_load_explicit(&((struct vfio_arena_hdr *)h)->warn_head,
+					      memory_order_acquire);
+	out->warn_dropped = atomic_load_explicit(&((struct vfio_arena_hdr *)h)->warn_dropped,
+						 memory_order_relaxed);
+}
+
+void vfio_arena_set_spin(vfio_arena_t *a, int64_t spin_ns)
+{
+	a->spin_ns = spin_ns < 0 ? 0 : spin_ns;
+}
+
+/* ---- slots ------------------------------------------------------------ */
+
+int vfio_slot_alloc(vfio_arena_t *a, uint32_t kind, const char *label, vfio_handle_t *h)
+{
+	struct vfio_arena_hdr *hdr = a->hdr;
+	struct vfio_slot *s;
+	uint64_t head, next_head;
+	uint32_t top, gen;
+
+	if (a->closed)
+		return VFIO_E_STALE;
+	if (kind < VFIO_KIND_REFCOUNT || kind > VFIO_KIND_MAX)
+		return VFIO_E_INVAL;
+	head = atomic_load_explicit(&hdr->free_head, memory_order_acquire);
+	do {
+		top = (uint32_t)head;
+		if (!top)
+			return VFIO_E_FULL;
+		if (top > a->capacity)
+			return VFIO_E_CORRUPT;
+		s = &a->slots[top - 1];
+		/* The tag in the upper half makes a stale 'next' fail the CAS. */
+		next_head = ((head >> 32) + 1) << 32 |
+			    atomic_load_explicit(&s->next_free, memory_order_relaxed);
+	} while (!atomic_compare_exchange_weak_explicit(&hdr->free_head, &head, next_head,
+							 memory_order_acq_rel,
+							 memory_order_acquire));
+
+	gen = atomic_load_explicit(&s->gen, memory_order_relaxed);
+	atomic_store_explicit(&s->kind, kind, memory_order_relaxed);
+	atomic_store_explicit(&s->refs, 0, memory_order_relaxed);
+	atomic_store_explicit(&s->done, 0, memory_order_relaxed);
+	atomic_store_explicit(&s->waiters, 0, memory_order_relaxed);
+	atomic_store_explicit(&s->owner_pid, (uint32_t)getpid(), memory_order_relaxed);
+	memset(s->label, 0, sizeof(s->label));
+	if (label)
+		strncpy(s->label, label, sizeof(s->label) - 1);
+	gen = (gen | 1u) == gen ? gen + 2 : gen + 1;	/* next odd value */
+	atomic_store_explicit(&s->gen, gen, memory_order_release);
+	atomic_fetch_add_explicit(&hdr->in_use, 1, memory_order_relaxed);
+
+	h->slot = s;
+	h->arena = a;
+	h->index = top - 1;
+	h->gen = gen;
+	return VFIO_OK;
+}
+
+int vfio_slot_free(vfio_handle_t *h)
+{
+	struct vfio_arena *a = h->arena;
+	struct vfio_slot *s = h->slot;
+	uint32_t gen = h->gen;
+	uint64_t head, new_head;
+
+	/* Only one free of this generation can win; the loser is a double free. */
+	if (!atomic_compare_exchange_strong_explicit(&s->gen, &gen, h->gen + 1,
+						     memory_order_acq_rel,
+						     memory_order_relaxed))
+		return VFIO_E_STALE;
+	atomic_store_explicit(&s->kind, VFIO_KIND_FREE, memory_order_relaxed);
+	/* Anyone still asleep on a freed completion wakes up to a stale handle. */
+	if (atomic_load_explicit(&s->waiters, memory_order_seq_cst))
+		vfio_futex_wake(&s->done, INT32_MAX);
+	head = atomic_load_explicit(&a->hdr->free_head, memory_order_relaxed);
+	do {
+		atomic_store_explicit(&s->next_free, (uint32_t)head, memory_order_relaxed);
+		new_head = ((head >> 32) + 1) << 32 | (h->index + 1);
+	} while (!atomic_compare_exchange_weak_explicit(&a->hdr->free_head, &head, new_head,
+							 memory_order_release,
+							 memory_order_relaxed));
+	atomic_fetch_sub_explicit(&a->hdr->in_use, 1, memory_order_relaxed);
+	return VFIO_OK;
+}
+
+/* Rebuild a handle from (index, gen, kind), as carried by a token or pickle. */
+int vfio_handle_open(vfio_arena_t *a, uint32_t index, uint32_t gen, uint32_t kind,
+		     vfio_handle_t *h)
+{
+	struct vfio_slot *s;
+
+	if (a->closed)
+		return VFIO_E_STALE;
+	if (index >= a->capacity)
+		return VFIO_E_RANGE;
+	s = &a->slots[index];
+	if (!(gen & 1) || atomic_load_explicit(&s->gen, memory_order_acquire) != gen)
+		return VFIO_E_STALE;
+	if (atomic_load_explicit(&s->kind, memory_order_relaxed) != kind)
+		return VFIO_E_KIND;
+	h->slot = s;
+	h->arena = a;
+	h->index = index;
+	h->gen = gen;
+	return VFIO_OK;
+}
+
+/* A snapshot of one slot, for diagnostics and leak listings. */
+int vfio_slot_info(const vfio_arena_t *a, uint32_t index, vfio_slot_info_t *out)
+{
+	struct vfio_slot *s;
+
+	if (a->closed)
+		return VFIO_E_STALE;
+	if (index >= a->capacity)
+		return VFIO_E_RANGE;
+	s = &a->slots[index];
+	out->gen = atomic_load_explicit(&s->gen, memory_order_acquire);
+	out->kind = atomic_load_explicit(&s->kind, memory_order_relaxed);
+	out->refs = atomic_load_explicit(&s->refs, memory_order_relaxed);
+	out->done = atomic_load_explicit(&s->done, memory_order_relaxed);
+	out->waiters = atomic_load_explicit(&s->waiters, memory_order_relaxed);
+	out->owner_pid = atomic_load_explicit(&s->owner_pid, memory_order_relaxed);
+	memcpy(out->label, s->label, sizeof(out->label));
+	out->label[sizeof(out->label) - 1] = 0;
+	return VFIO_OK;
+}
+
+/* The baseline every benchmark ratio is measured against. */
+int64_t vfio_noop(vfio_handle_t *h)
+{
+	(void)h;
+	return 0;
+}

@@ -1,0 +1,1 @@
+"""Driver plugins for vfio-emu (vfio_emu.plugins): one module per emulated driver."""
