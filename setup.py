@@ -2,4 +2,4 @@
 
 from setuptools import setup
 
-setup(cffi_modules=["csrc/build_ffi.py:ffibuilder"])
+setup(cffi_modules=["csrc/build_ffi.py:ffibuilder", "csrc/build_ffi.py:fastbuilder"])

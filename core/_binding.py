@@ -1,7 +1,10 @@
-"""The only module that touches cffi's ``lib``: every C entry point is bound here once.
+"""The only module that touches cffi's ``lib``s: every C entry point is bound here once.
 
 Binding to module globals keeps the hot path to one C call: no ``lib.name``
-attribute lookup (measured at +40% per call) and no wrapper frame.
+attribute lookup (measured at +40% per call) and no wrapper frame.  Two
+extension modules: ``_core`` releases the GIL on every call, as cffi always
+does; ``_fast`` holds only the lock-free calls that never sleep and keeps the
+GIL (see csrc/build_ffi.py).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from vfio_emu._core import ffi, lib
+from vfio_emu._fast import lib as fast
 
 new = ffi.new
 string = ffi.string
@@ -68,20 +72,21 @@ slot_free: Any = lib.vfio_slot_free
 slot_info: Any = lib.vfio_slot_info
 handle_open: Any = lib.vfio_handle_open
 noop: Any = lib.vfio_noop
+noop_gil: Any = fast.vfio_noop_gil
 monotonic_ns: Any = lib.vfio_monotonic_ns
 
 # refcount.c
-refcount_set: Any = lib.vfio_refcount_set
-refcount_read: Any = lib.vfio_refcount_read
-refcount_inc: Any = lib.vfio_refcount_inc
-refcount_add: Any = lib.vfio_refcount_add
-refcount_inc_not_zero: Any = lib.vfio_refcount_inc_not_zero
-refcount_add_not_zero: Any = lib.vfio_refcount_add_not_zero
-refcount_dec_and_test: Any = lib.vfio_refcount_dec_and_test
-refcount_sub_and_test: Any = lib.vfio_refcount_sub_and_test
-refcount_dec: Any = lib.vfio_refcount_dec
-refcount_dec_if_one: Any = lib.vfio_refcount_dec_if_one
-refcount_dec_not_one: Any = lib.vfio_refcount_dec_not_one
+refcount_set: Any = fast.vfio_refcount_set
+refcount_read: Any = fast.vfio_refcount_read
+refcount_inc: Any = fast.vfio_refcount_inc
+refcount_add: Any = fast.vfio_refcount_add
+refcount_inc_not_zero: Any = fast.vfio_refcount_inc_not_zero
+refcount_add_not_zero: Any = fast.vfio_refcount_add_not_zero
+refcount_dec_and_test: Any = fast.vfio_refcount_dec_and_test
+refcount_sub_and_test: Any = fast.vfio_refcount_sub_and_test
+refcount_dec: Any = fast.vfio_refcount_dec
+refcount_dec_if_one: Any = fast.vfio_refcount_dec_if_one
+refcount_dec_not_one: Any = fast.vfio_refcount_dec_not_one
 refcount_inc_many: Any = lib.vfio_refcount_inc_many
 refcount_dec_and_test_many: Any = lib.vfio_refcount_dec_and_test_many
 kref_pairs: Any = lib.vfio_kref_pairs
@@ -89,13 +94,13 @@ refcount_inc_array: Any = lib.vfio_refcount_inc_array
 refcount_dec_and_test_array: Any = lib.vfio_refcount_dec_and_test_array
 
 # completion.c
-completion_reinit: Any = lib.vfio_completion_reinit
-completion_complete: Any = lib.vfio_completion_complete
-completion_complete_all: Any = lib.vfio_completion_complete_all
-completion_try_wait: Any = lib.vfio_completion_try_wait
-completion_done: Any = lib.vfio_completion_done
-completion_read: Any = lib.vfio_completion_read
-completion_waiters: Any = lib.vfio_completion_waiters
+completion_reinit: Any = fast.vfio_completion_reinit
+completion_complete: Any = fast.vfio_completion_complete
+completion_complete_all: Any = fast.vfio_completion_complete_all
+completion_try_wait: Any = fast.vfio_completion_try_wait
+completion_done: Any = fast.vfio_completion_done
+completion_read: Any = fast.vfio_completion_read
+completion_waiters: Any = fast.vfio_completion_waiters
 completion_wait: Any = lib.vfio_completion_wait
 
 # warn.c

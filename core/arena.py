@@ -314,7 +314,7 @@ class Arena:
                 f"arena '{self._name}' is full: all {self._capacity} slots are in use")
         if rc:
             raise self._status_error(rc, "allocate")
-        return cls(self, h)
+        return cls(self, h, raw.decode("utf-8", "replace"))
 
     def _open(self, kind: int, index: object, gen: object) -> Any:
         if type(index) is not int or type(gen) is not int:
@@ -337,7 +337,7 @@ class Arena:
                 f"it {self._slot_state(index)}")
         if rc:
             raise self._status_error(rc, "open")
-        return _CLASSES[kind](self, h)
+        return _CLASSES[kind](self, h, self._slot_label(index))
 
     def _status_error(self, rc: int, op: str) -> EmulatorError:
         if self.closed:

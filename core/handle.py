@@ -42,12 +42,13 @@ class Token(NamedTuple):
 class Handle:
     """Base of Refcount, Kref and Completion: an object living in an arena slot."""
 
-    __slots__ = ("__weakref__", "_arena", "_h")
+    __slots__ = ("__weakref__", "_arena", "_h", "_label")
     KIND: ClassVar[int] = 0
 
-    def __init__(self, arena: Arena, h: Any) -> None:
+    def __init__(self, arena: Arena, h: Any, label: str) -> None:
         self._arena = arena
         self._h = h
+        self._label = label
 
     @property
     def arena(self) -> Arena:
@@ -65,8 +66,8 @@ class Handle:
 
     @property
     def label(self) -> str:
-        """The label given at allocation (kept in shared memory)."""
-        return self._arena._slot_label(self.index)
+        """The label given at allocation (also kept in the slot, for other processes)."""
+        return self._label
 
     @property
     def token(self) -> Token:
@@ -99,11 +100,7 @@ class Handle:
             raise self._error(rc, "free")
 
     def _describe(self) -> str:
-        try:
-            label = self.label
-        except EmulatorError:
-            label = ""
-        name = f"'{label}' " if label else ""
+        name = f"'{self._label}' " if self._label else ""
         return (f"{KIND_NAMES[self.KIND]} {name}(slot {self.index}, gen {self.gen}, "
                 f"arena '{self._arena.name}')")
 

@@ -135,8 +135,8 @@ class Kref(Handle):
     __slots__ = ("release",)
     KIND = C.KIND_KREF
 
-    def __init__(self, arena: Arena, h: Any) -> None:
-        super().__init__(arena, h)
+    def __init__(self, arena: Arena, h: Any, label: str) -> None:
+        super().__init__(arena, h, label)
         self.release: Optional[Release] = None  # noqa: UP045 - runtime annotation on 3.10
 
     def init(self) -> None:

@@ -11,10 +11,9 @@ import os
 
 from cffi import FFI
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ["arena.c", "refcount.c", "completion.c", "warn.c"]
 
-CDEF = """
+TYPES = """
 #define VFIO_SLOT_SIZE 128
 #define VFIO_LABEL_MAX 48
 #define VFIO_CAPACITY_MAX ...
@@ -58,6 +57,9 @@ typedef struct {
     ...;
 } vfio_warn_entry_t;
 
+"""
+
+CORE = """
 /* arena.c */
 int vfio_arena_create(const char *name, uint32_t capacity, uint32_t warn_capacity,
                       uint32_t hz, double time_scale, vfio_arena_t **out, int *err);
@@ -75,6 +77,28 @@ int vfio_slot_info(const vfio_arena_t *a, uint32_t index, vfio_slot_info_t *out)
 int64_t vfio_noop(vfio_handle_t *h);
 int64_t vfio_monotonic_ns(void);
 
+/* refcount.c: batches (long loops: they let other threads run) */
+int64_t vfio_refcount_inc_many(vfio_handle_t *h, int64_t n);
+int64_t vfio_refcount_dec_and_test_many(vfio_handle_t *h, int64_t n);
+int64_t vfio_kref_pairs(vfio_handle_t *h, int64_t n);
+int64_t vfio_refcount_inc_array(vfio_handle_t *const *hs, int64_t n, int64_t *bad);
+int64_t vfio_refcount_dec_and_test_array(vfio_handle_t *const *hs, int64_t n, uint8_t *hit,
+                                         int64_t *bad);
+
+/* completion.c: the only call that sleeps */
+int64_t vfio_completion_wait(vfio_handle_t *h, int64_t deadline_ns, int64_t slice_ns,
+                             uint32_t *consumed);
+
+/* warn.c */
+const char *vfio_warn_text(uint32_t kind);
+int64_t vfio_warn_emit(vfio_arena_t *a, vfio_handle_t *h, uint32_t kind, const char *text);
+int vfio_warn_read(const vfio_arena_t *a, uint64_t seq, vfio_warn_entry_t *out);
+int vfio_warn_set_stack(vfio_arena_t *a, uint64_t first, const char *stack);
+"""
+
+FAST = """
+int64_t vfio_noop_gil(vfio_handle_t *h);
+
 /* refcount.c */
 int64_t vfio_refcount_set(vfio_handle_t *h, int32_t n);
 int64_t vfio_refcount_read(vfio_handle_t *h);
@@ -87,14 +111,8 @@ int64_t vfio_refcount_sub_and_test(vfio_handle_t *h, int32_t i);
 int64_t vfio_refcount_dec(vfio_handle_t *h);
 int64_t vfio_refcount_dec_if_one(vfio_handle_t *h);
 int64_t vfio_refcount_dec_not_one(vfio_handle_t *h);
-int64_t vfio_refcount_inc_many(vfio_handle_t *h, int64_t n);
-int64_t vfio_refcount_dec_and_test_many(vfio_handle_t *h, int64_t n);
-int64_t vfio_kref_pairs(vfio_handle_t *h, int64_t n);
-int64_t vfio_refcount_inc_array(vfio_handle_t *const *hs, int64_t n, int64_t *bad);
-int64_t vfio_refcount_dec_and_test_array(vfio_handle_t *const *hs, int64_t n, uint8_t *hit,
-                                         int64_t *bad);
 
-/* completion.c */
+/* completion.c: everything that never sleeps */
 int64_t vfio_completion_reinit(vfio_handle_t *h);
 int64_t vfio_completion_complete(vfio_handle_t *h);
 int64_t vfio_completion_complete_all(vfio_handle_t *h);
@@ -102,26 +120,52 @@ int64_t vfio_completion_try_wait(vfio_handle_t *h);
 int64_t vfio_completion_done(vfio_handle_t *h);
 int64_t vfio_completion_read(vfio_handle_t *h);
 int64_t vfio_completion_waiters(vfio_handle_t *h);
-int64_t vfio_completion_wait(vfio_handle_t *h, int64_t deadline_ns, int64_t slice_ns,
-                             uint32_t *consumed);
-
-/* warn.c */
-const char *vfio_warn_text(uint32_t kind);
-int64_t vfio_warn_emit(vfio_arena_t *a, vfio_handle_t *h, uint32_t kind, const char *text);
-int vfio_warn_read(const vfio_arena_t *a, uint64_t seq, vfio_warn_entry_t *out);
-int vfio_warn_set_stack(vfio_arena_t *a, uint64_t first, const char *stack);
 """
 
-ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source(
-    "vfio_emu._core",
-    '#include "vfio_emu.h"\n',
-    sources=[os.path.join("csrc", name) for name in SOURCES],
-    include_dirs=["csrc"],
-    depends=["csrc/vfio_emu.h", "csrc/build_ffi.py"],
-    extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                        "-Werror=implicit-function-declaration"],
-    libraries=["rt"],
-)
+# Everything _fast exposes is a few nanoseconds of lock-free work that never
+# blocks (at most a FUTEX_WAKE), so it keeps the GIL: releasing and retaking
+# it would cost ten times the work.  Anything that can sleep or loop long
+# stays in _core, built the standard way.  If a cffi release stopped using
+# these macros, the only effect would be slower calls.
+KEEP_GIL = """
+#undef Py_BEGIN_ALLOW_THREADS
+#define Py_BEGIN_ALLOW_THREADS {
+#undef Py_END_ALLOW_THREADS
+#define Py_END_ALLOW_THREADS }
+/* Nor do they need ffi.errno: skip cffi's errno save/restore around each call. */
+#undef _cffi_restore_errno
+#define _cffi_restore_errno() ((void)0)
+#undef _cffi_save_errno
+#define _cffi_save_errno() ((void)0)
 
+/* The no-op again, GIL kept: shows what the crossing costs without the release. */
+static int64_t vfio_noop_gil(vfio_handle_t *h) { (void)h; return 0; }
+"""
+
+
+
+def _builder(module: str, functions: str, preamble: str = "",
+             include: FFI | None = None) -> FFI:
+    builder = FFI()
+    if include is None:
+        builder.cdef(TYPES)
+    else:
+        builder.include(include)  # share the types, so one handle serves both modules
+    builder.cdef(functions)
+    builder.set_source(
+        module,
+        '#include "vfio_emu.h"\n' + preamble,
+        sources=[os.path.join("csrc", name) for name in SOURCES],
+        include_dirs=["csrc"],
+        depends=["csrc/vfio_emu.h", "csrc/build_ffi.py"],
+        extra_compile_args=["-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall", "-Wextra",
+                            "-Wno-unused-parameter", "-Werror=implicit-function-declaration"],
+        libraries=["rt"],
+    )
+    return builder
+
+
+#: The standard cffi build: every call releases the GIL.
+ffibuilder = _builder("vfio_emu._core", CORE)
+#: The hot path: refcount_t and non-sleeping completion calls, GIL kept.
+fastbuilder = _builder("vfio_emu._fast", FAST, KEEP_GIL, include=ffibuilder)
