@@ -24,12 +24,18 @@ _KIND_NAMES = {C.KIND_REFCOUNT: "refcount", C.KIND_KREF: "kref",
                C.KIND_COMPLETION: "completion"}
 
 
-def caller_stack(limit: int = 24) -> str:
-    """The Python stack of the code that called into the emulator, innermost last."""
+def caller_stack(limit: int = 32) -> str:
+    """The Python stack of the code that called into the emulator, innermost last.
+
+    Outermost frames are dropped first so that it fits the record's stack field.
+    """
     frame: Any = sys._getframe(1)
     while frame is not None and frame.f_globals.get("__name__") in _INTERNAL:
         frame = frame.f_back
-    return "".join(traceback.format_list(traceback.extract_stack(frame, limit=limit)))
+    entries = traceback.format_list(traceback.extract_stack(frame, limit=limit))
+    while len(entries) > 1 and len("".join(entries).encode()) >= C.WARN_STACK_MAX:
+        entries.pop(0)
+    return "".join(entries)
 
 
 @dataclass(frozen=True)

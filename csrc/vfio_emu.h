@@ -21,6 +21,7 @@
 #define VFIO_WARN_REC_SIZE	2048u
 #define VFIO_LABEL_MAX		48u
 #define VFIO_WARN_TEXT_MAX	128u
+#define VFIO_WARN_STACK_MAX	(VFIO_WARN_REC_SIZE - 48 - VFIO_WARN_TEXT_MAX - VFIO_LABEL_MAX)
 #define VFIO_CAPACITY_MAX	(1u << 22)
 #define VFIO_WARN_CAPACITY_MAX	(1u << 16)
 
@@ -100,7 +101,7 @@ struct vfio_warn_rec {
 	int32_t new;
 	char text[VFIO_WARN_TEXT_MAX];
 	char label[VFIO_LABEL_MAX];
-	char stack[VFIO_WARN_REC_SIZE - 48 - VFIO_WARN_TEXT_MAX - VFIO_LABEL_MAX];
+	char stack[VFIO_WARN_STACK_MAX];
 };
 
 struct vfio_arena_hdr {
@@ -187,7 +188,7 @@ typedef struct vfio_warn_entry {
 	int32_t new;
 	char text[VFIO_WARN_TEXT_MAX];
 	char label[VFIO_LABEL_MAX];
-	char stack[VFIO_WARN_REC_SIZE - 48 - VFIO_WARN_TEXT_MAX - VFIO_LABEL_MAX];
+	char stack[VFIO_WARN_STACK_MAX];
 } vfio_warn_entry_t;
 
 /* ---- the API (mirrored by the cdef in build_ffi.py) ------------------- */
