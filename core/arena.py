@@ -14,12 +14,13 @@ import secrets
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from vfio_emu import _binding as C
-from vfio_emu import dmesg
+from vfio_emu import dmesg as _dmesg
 from vfio_emu.clock import Clock
 from vfio_emu.completion import Completion
+from vfio_emu.dmesg import WarnRecord
 from vfio_emu.errors import (
     ArenaClosedError,
     ArenaError,
@@ -35,6 +36,7 @@ from vfio_emu.errors import (
 from vfio_emu.handle import KIND_BY_NAME, KIND_NAMES, Handle, Token, int32
 from vfio_emu.refcount import Kref, Refcount
 
+_H = TypeVar("_H", bound=Handle)
 _CLASSES: dict[int, type[Handle]] = {
     C.KIND_REFCOUNT: Refcount, C.KIND_KREF: Kref, C.KIND_COMPLETION: Completion}
 
@@ -273,19 +275,19 @@ class Arena:
 
     # -- WARN log --------------------------------------------------------------
 
-    def dmesg(self, since: int = 0) -> list[dmesg.WarnRecord]:
+    def dmesg(self, since: int = 0) -> list[WarnRecord]:
         """WARN records with a sequence number above since, oldest first, from every process."""
         info = self._info()
         if info.closed:
             raise ArenaClosedError(f"arena '{self._name}' is closed")
-        return dmesg.read(self._ptr, since, int(info.warn_head), self._warn_capacity)
+        return _dmesg.read(self._ptr, since, int(info.warn_head), self._warn_capacity)
 
     @property
     def warn_seq(self) -> int:
         """Sequence number of the newest WARN (pass it to dmesg(since=...) later)."""
         return int(self._info().warn_head)
 
-    def warn(self, text: str, obj: Handle | None = None) -> dmesg.WarnRecord:
+    def warn(self, text: str, obj: Handle | None = None) -> WarnRecord:
         """Record a WARN raised by a higher layer, with the caller's stack."""
         h = obj._h if obj is not None else C.NULL
         seq = C.warn_emit(self._ptr, h, C.WARN_OTHER, text.encode("utf-8", "replace"))
@@ -293,8 +295,8 @@ class Arena:
             if obj is not None:
                 raise obj._error(seq, "warn")
             raise ArenaClosedError(f"arena '{self._name}' is closed")
-        dmesg.attach_stack(self._ptr, seq)
-        return next(r for r in dmesg.read(self._ptr, seq - 1, seq, self._warn_capacity))
+        _dmesg.attach_stack(self._ptr, seq)
+        return next(r for r in _dmesg.read(self._ptr, seq - 1, seq, self._warn_capacity))
 
     # -- internals ---------------------------------------------------------------
 
@@ -303,7 +305,7 @@ class Arena:
         C.arena_info(self._ptr, info)
         return info
 
-    def _alloc(self, cls: Any, label: str | None) -> Any:
+    def _alloc(self, cls: type[_H], label: str | None) -> _H:
         if label is not None and not isinstance(label, str):
             raise InvalidArgumentError(f"label must be a str, not {type(label).__name__}")
         raw = (label or "").encode("utf-8", "replace")[: C.LABEL_MAX - 1]
@@ -355,7 +357,7 @@ class Arena:
         return info
 
     def _slot_label(self, index: int) -> str:
-        return C.string(self._slot_info(index).label).decode("utf-8", "replace")  # type: ignore[no-any-return]
+        return str(C.string(self._slot_info(index).label).decode("utf-8", "replace"))
 
     def _slot_state(self, index: int) -> str:
         """What the slot holds now, for use-after-free reports."""

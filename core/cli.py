@@ -22,7 +22,8 @@ def _table(outcomes: list[lkdtm.Outcome]) -> str:
         rows.append((o.case.name, _hex(o.case.start), _hex(o.final), warn, o.verdict,
                      "ok" if o.passed else "FAIL"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

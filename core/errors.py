@@ -24,7 +24,7 @@ class ArenaExistsError(ArenaError, FileExistsError):
 
 
 class ArenaFormatError(ArenaError):
-    """The segment is not a usable vfio-emu arena: foreign, truncated, corrupt or another version."""
+    """The segment is not a usable vfio-emu arena: foreign, truncated, corrupt, other version."""
 
 
 class ArenaFullError(ArenaError):

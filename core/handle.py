@@ -35,7 +35,7 @@ class Token(NamedTuple):
 
     arena: str
     kind: str
-    index: int
+    slot: int
     gen: int
 
 
@@ -84,10 +84,11 @@ class Handle:
 
     def __eq__(self, other: object) -> bool:
         return (
-            type(other) is type(self)
-            and other._arena is self._arena  # type: ignore[attr-defined]
-            and other.index == self.index  # type: ignore[attr-defined]
-            and other.gen == self.gen  # type: ignore[attr-defined]
+            isinstance(other, Handle)
+            and type(other) is type(self)
+            and other._arena is self._arena
+            and other.index == self.index
+            and other.gen == self.gen
         )
 
     def __hash__(self) -> int:

@@ -224,7 +224,7 @@ class KrefArray:
             return 0
         self._slow(r, "kref_put")
         released = 0
-        for k, hit in zip(self._krefs, self._hit):
+        for k, hit in zip(self._krefs, self._hit, strict=True):
             if hit:
                 released += k._put_slow(C.RET_TRUE, release, "kref_put")
         return released
