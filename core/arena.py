@@ -104,7 +104,9 @@ class Arena:
                             epoch_ns=int(info.created_ns))
         self._finalizer = (weakref.finalize(self, _unlink_at_exit, name, self._pid)
                            if owner else None)
-        _open_arenas[name] = self
+        known = _open_arenas.get(name)
+        if known is None or known.closed:
+            _open_arenas[name] = self
 
     # -- life cycle -------------------------------------------------------
 
@@ -308,6 +310,8 @@ class Arena:
     def _alloc(self, cls: type[_H], label: str | None) -> _H:
         if label is not None and not isinstance(label, str):
             raise InvalidArgumentError(f"label must be a str, not {type(label).__name__}")
+        if label and "\0" in label:
+            raise InvalidArgumentError(f"label {label!r} contains a NUL character")
         raw = (label or "").encode("utf-8", "replace")[: C.LABEL_MAX - 1]
         h = C.new("vfio_handle_t *")
         rc = C.slot_alloc(self._ptr, cls.KIND, raw, h)

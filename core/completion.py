@@ -23,6 +23,7 @@ ERESTARTSYS = 512
 UINT_MAX = 0xFFFFFFFF
 #: Longest real time a wait sleeps in C before Python's signal handlers get to run.
 WAIT_SLICE_NS = 20_000_000
+_NS_MAX = (1 << 63) - 1
 
 _complete = C.completion_complete
 _try_wait = C.completion_try_wait
@@ -89,7 +90,10 @@ class Completion(Handle):
 
     @property
     def waiters(self) -> int:
-        """Tasks asleep on this completion right now, in any process."""
+        """Tasks registered asleep on this completion, in any process.
+
+        A process killed in its sleep stays counted; it costs only a spurious wake.
+        """
         r = C.completion_waiters(self._h)
         if r < 0:
             self._slow(r, "completion.waiters")
@@ -114,17 +118,20 @@ class Completion(Handle):
 
     def _wait(self, timeout: int, interruptible: bool, op: str) -> int:
         clock = self._arena.clock
-        deadline = (-1 if timeout >= MAX_SCHEDULE_TIMEOUT
-                    else time.monotonic_ns() + clock.jiffies_to_ns(timeout))
+        start = time.monotonic_ns()
+        end = None if timeout >= MAX_SCHEDULE_TIMEOUT else start + clock.jiffies_to_ns(timeout)
+        # A deadline past int64 nanoseconds (~292 years) is no deadline at all.
+        deadline = -1 if end is None or end >= _NS_MAX else end
+        spin = not interruptible  # spinning would hide a signal that lands meanwhile
         h = self._h
         consumed = C.new("uint32_t *")
         try:
             while True:
-                r = _wait(h, deadline, WAIT_SLICE_NS, consumed)
+                r = _wait(h, deadline, WAIT_SLICE_NS, spin, consumed)
                 if r == 1:
-                    if deadline < 0:
-                        return 1
-                    left = clock.ns_to_jiffies(deadline - time.monotonic_ns())
+                    if end is None:
+                        return timeout
+                    left = clock.ns_to_jiffies(end - time.monotonic_ns())
                     return max(1, min(left, timeout))
                 if r == _E_TIMEDOUT:
                     return 0

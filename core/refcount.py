@@ -218,15 +218,25 @@ class KrefArray:
             self._slow(r, "kref_get")
 
     def put(self, release: Release | None = None) -> int:
-        """kref_put() on every object; runs release for each that reached zero; returns how many."""
+        """kref_put() on every object; runs release for each that reached zero; returns how many.
+
+        If a release raises, the others still run and the first exception is re-raised.
+        """
         r = C.refcount_dec_and_test_array(self._ptrs, len(self._krefs), self._hit, self._bad)
         if not r:
             return 0
         self._slow(r, "kref_put")
         released = 0
+        error: BaseException | None = None
         for k, hit in zip(self._krefs, self._hit, strict=True):
             if hit:
-                released += k._put_slow(C.RET_TRUE, release, "kref_put")
+                released += 1
+                try:
+                    k._put_slow(C.RET_TRUE, release, "kref_put")
+                except Exception as e:  # every object that reached zero gets its release
+                    error = error or e
+        if error is not None:
+            raise error
         return released
 
     def _slow(self, r: int, op: str) -> None:

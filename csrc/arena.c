@@ -174,16 +174,23 @@ int vfio_arena_attach(const char *name, vfio_arena_t **out, int *err)
 		close(fd);
 		return VFIO_E_SYS;
 	}
-	if ((uint64_t)st.st_size < VFIO_HDR_SIZE) {
+	if (st.st_size < (off_t)sizeof(uint64_t)) {
 		close(fd);
-		/* An empty or short file has no room even for the magic. */
-		return st.st_size < (off_t)sizeof(uint64_t) ? VFIO_E_FOREIGN : VFIO_E_TRUNCATED;
+		return VFIO_E_FOREIGN;	/* no room even for the magic */
 	}
 	base = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 	*err = errno;
 	close(fd);
 	if (base == MAP_FAILED)
 		return VFIO_E_SYS;
+	/* Ours (by its magic) but shorter than a header: truncated; else foreign. */
+	if ((uint64_t)st.st_size < VFIO_HDR_SIZE) {
+		rc = atomic_load_explicit((_Atomic uint64_t *)base, memory_order_acquire) ==
+		     VFIO_ARENA_MAGIC ? VFIO_E_TRUNCATED : VFIO_E_FOREIGN;
+		munmap(base, (size_t)st.st_size);
+		*err = 0;
+		return rc;
+	}
 	rc = check_header((struct vfio_arena_hdr *)base, (uint64_t)st.st_size);
 	if (rc != VFIO_OK) {
 		munmap(base, (size_t)st.st_size);

@@ -87,7 +87,7 @@ int64_t vfio_refcount_dec_and_test_array(vfio_handle_t *const *hs, int64_t n, ui
                                          int64_t *bad);
 
 /* completion.c: the only call that sleeps */
-int64_t vfio_completion_wait(vfio_handle_t *h, int64_t deadline_ns, int64_t slice_ns,
+int64_t vfio_completion_wait(vfio_handle_t *h, int64_t deadline_ns, int64_t slice_ns, int spin,
                              uint32_t *consumed);
 
 /* warn.c */

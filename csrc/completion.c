@@ -142,10 +142,11 @@ int64_t vfio_completion_waiters(vfio_handle_t *h)
  * VFIO_E_TIMEDOUT at the deadline (CLOCK_MONOTONIC ns, < 0 for none),
  * VFIO_E_INTR when a signal interrupted the sleep, VFIO_E_STALE if the
  * completion was freed meanwhile.  As in the kernel, a count that lands
- * together with the timeout or the signal is still taken.
+ * together with the timeout or the signal is still taken.  With spin set it
+ * first spins up to the arena's spin_ns, a signal during which goes unseen.
  */
 int64_t vfio_completion_wait(vfio_handle_t *h, int64_t deadline_ns, int64_t slice_ns,
-			     uint32_t *consumed)
+			     int spin, uint32_t *consumed)
 {
 	struct vfio_slot *s = h->slot;
 	int64_t now, end, spin_end;
@@ -159,15 +160,16 @@ int64_t vfio_completion_wait(vfio_handle_t *h, int64_t deadline_ns, int64_t slic
 	now = vfio_monotonic_ns();
 	if (deadline_ns >= 0 && now >= deadline_ns)
 		return VFIO_E_TIMEDOUT;
+	/* Not while a signal must be seen: only a sleeping waiter gets EINTR. */
 	spin_end = now + h->arena->spin_ns;
-	while (h->arena->spin_ns) {
+	while (spin && h->arena->spin_ns) {
 		for (int i = 0; i < 16; i++) {
 			cpu_relax();
 			if (atomic_load_explicit(&s->done, memory_order_relaxed) &&
 			    try_consume(s, consumed))
 				return 1;
 		}
-		if (vfio_monotonic_ns() >= spin_end)
+		if ((now = vfio_monotonic_ns()) >= spin_end)
 			break;
 	}
 

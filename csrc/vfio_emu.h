@@ -237,7 +237,7 @@ int64_t vfio_completion_try_wait(vfio_handle_t *h);
 int64_t vfio_completion_done(vfio_handle_t *h);
 int64_t vfio_completion_read(vfio_handle_t *h);
 int64_t vfio_completion_waiters(vfio_handle_t *h);
-int64_t vfio_completion_wait(vfio_handle_t *h, int64_t deadline_ns, int64_t slice_ns,
+int64_t vfio_completion_wait(vfio_handle_t *h, int64_t deadline_ns, int64_t slice_ns, int spin,
 			     uint32_t *consumed);
 
 /* warn.c */
