@@ -120,7 +120,7 @@ def completion(arena: Arena) -> Iterator[Completion]:
 # -- the crossing itself -----------------------------------------------------
 
 
-@pytest.mark.benchmark(group="crossing")
+@pytest.mark.benchmark(group="crossing", warmup=True)
 def test_noop(measure: Measure, kref: Kref) -> None:
     """The baseline every ratio divides by: a cffi call that releases the GIL, does nothing."""
     measure(call_loop(C.noop, kref._h), key="noop", label="C.noop(h)  [baseline]", per=LOOP)
