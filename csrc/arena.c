@@ -331,8 +331,13 @@ int vfio_slot_free(vfio_handle_t *h)
 {
 	struct vfio_arena *a = h->arena;
 	struct vfio_slot *s = h->slot;
+	/* From the slot pointer, not h->index: Python can write the latter. */
+	uint32_t index = (uint32_t)(s - a->slots);
 	uint32_t gen = h->gen;
 	uint64_t head, new_head;
+
+	if (a->closed)
+		return VFIO_E_STALE;
 
 	/* Only one free of this generation can win; the loser is a double free. */
 	if (!atomic_compare_exchange_strong_explicit(&s->gen, &gen, h->gen + 1,
@@ -346,7 +351,7 @@ int vfio_slot_free(vfio_handle_t *h)
 	head = atomic_load_explicit(&a->hdr->free_head, memory_order_relaxed);
 	do {
 		atomic_store_explicit(&s->next_free, (uint32_t)head, memory_order_relaxed);
-		new_head = ((head >> 32) + 1) << 32 | (h->index + 1);
+		new_head = ((head >> 32) + 1) << 32 | (index + 1);
 	} while (!atomic_compare_exchange_weak_explicit(&a->hdr->free_head, &head, new_head,
 							 memory_order_release,
 							 memory_order_relaxed));

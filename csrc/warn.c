@@ -66,7 +66,7 @@ uint64_t vfio_warn_record(struct vfio_arena *a, uint32_t kind, const vfio_handle
 	r->kind = kind;
 	r->pid = (uint32_t)getpid();
 	r->tid = (uint32_t)syscall(SYS_gettid);
-	r->obj_index = h ? h->index : UINT32_MAX;
+	r->obj_index = h ? (uint32_t)(h->slot - a->slots) : UINT32_MAX;
 	r->obj_gen = h ? h->gen : 0;
 	r->obj_kind = h ? atomic_load_explicit(&h->slot->kind, memory_order_relaxed) : 0;
 	r->old = old;
