@@ -19,12 +19,18 @@ from _workers import (
 NPROC = 4
 
 
-def run_children(ctx, target, args_per_child, timeout=120):
-    """Start one process per args tuple, collect one queue result from each, join all."""
+def run_children(ctx, target, args_per_child, start=None, timeout=120):
+    """Start one process per args tuple, collect one queue result from each, join all.
+
+    With start, children block on that completion until all are up, then
+    complete_all() lets them go at once, so they really run at the same time.
+    """
     q = ctx.Queue()
     procs = [ctx.Process(target=target, args=(*args, q)) for args in args_per_child]
     for p in procs:
         p.start()
+    if start is not None:
+        start.complete_all()
     try:
         results = [q.get(timeout=timeout) for _ in procs]
     finally:
@@ -43,19 +49,7 @@ def test_concurrent_get_put_pairs_on_one_kref_end_at_start_value(arena, method, 
     k = arena.kref(label="shared")
     start = arena.completion()
     seq = arena.warn_seq
-    # Children block on 'start' (complete_all) so they really run at the same time.
-    q = ctx.Queue()
-    procs = [ctx.Process(target=get_put_pairs, args=([k], start, pairs, 100, q))
-             for _ in range(NPROC)]
-    for p in procs:
-        p.start()
-    start.complete_all()
-    try:
-        released = [q.get(timeout=120) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(120)
-    assert [p.exitcode for p in procs] == [0] * NPROC
+    released = run_children(ctx, get_put_pairs, [([k], start, pairs, 100)] * NPROC, start)
     assert released == [0] * NPROC  # the parent's reference kept every put() above zero
     assert k.read() == 1
     assert arena.dmesg(since=seq) == []
@@ -68,18 +62,8 @@ def test_concurrent_get_put_pairs_on_separate_krefs_end_at_start_value(arena):
     shared.get_many(9)  # start value 10
     start = arena.completion()
     seq = arena.warn_seq
-    q = ctx.Queue()
-    procs = [ctx.Process(target=get_put_pairs, args=([krefs[i], shared], start, 10_000, 50, q))
-             for i in range(NPROC)]
-    for p in procs:
-        p.start()
-    start.complete_all()
-    try:
-        released = [q.get(timeout=120) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(120)
-    assert [p.exitcode for p in procs] == [0] * NPROC
+    released = run_children(
+        ctx, get_put_pairs, [([k, shared], start, 10_000, 50) for k in krefs], start)
     assert released == [0] * NPROC
     assert [k.read() for k in krefs] == [1] * NPROC
     assert shared.read() == 10
@@ -98,18 +82,8 @@ def test_last_put_across_processes_releases_exactly_once(make_arena, method, nkr
         k.get_many(NPROC - 1)  # count == NPROC: one reference per child, none for us
     start = arena.completion()
     seq = arena.warn_seq
-    q = ctx.Queue()
-    procs = [ctx.Process(target=drop_one_reference_each, args=(krefs, releases, start, q))
-             for _ in range(NPROC)]
-    for p in procs:
-        p.start()
-    start.complete_all()
-    try:
-        results = [q.get(timeout=120) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(120)
-    assert [p.exitcode for p in procs] == [0] * NPROC
+    results = run_children(ctx, drop_one_reference_each, [(krefs, releases, start)] * NPROC,
+                           start)
     per_kref = [sum(r[i] for r in results) for i in range(nkrefs)]
     assert per_kref == [1] * nkrefs
     assert [c.done for c in releases] == [1] * nkrefs  # release ran exactly once each
@@ -166,18 +140,7 @@ def test_concurrent_alloc_free_from_several_processes_keeps_the_free_list_intact
     arena = make_arena(capacity=16)
     ctx = multiprocessing.get_context("fork")
     start = arena.completion()
-    q = ctx.Queue()
-    procs = [ctx.Process(target=alloc_free_churn, args=(arena, start, 2_000, q))
-             for _ in range(NPROC)]
-    for p in procs:
-        p.start()
-    start.complete_all()
-    try:
-        bad = [q.get(timeout=120) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(120)
-    assert [p.exitcode for p in procs] == [0] * NPROC
+    bad = run_children(ctx, alloc_free_churn, [(arena, start, 2_000)] * NPROC, start)
     assert bad == [0] * NPROC
     assert arena.in_use == 1
     assert [o.kind for o in arena.objects()] == ["completion"]
