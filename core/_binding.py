@@ -43,6 +43,9 @@ KIND_REFCOUNT: int = lib.VFIO_KIND_REFCOUNT
 KIND_KREF: int = lib.VFIO_KIND_KREF
 KIND_COMPLETION: int = lib.VFIO_KIND_COMPLETION
 WARN_OTHER: int = lib.VFIO_WARN_OTHER
+KIND_NAMES: dict[int, str] = {
+    lib.VFIO_KIND_REFCOUNT: "refcount", lib.VFIO_KIND_KREF: "kref",
+    lib.VFIO_KIND_COMPLETION: "completion"}
 WARN_KINDS: dict[int, str] = {
     lib.VFIO_WARN_ADD_NOT_ZERO_OVF: "ADD_NOT_ZERO_OVF",
     lib.VFIO_WARN_ADD_OVF: "ADD_OVF",
@@ -71,6 +74,7 @@ shm_unlink: Any = lib.vfio_shm_unlink
 slot_alloc: Any = lib.vfio_slot_alloc
 slot_free: Any = lib.vfio_slot_free
 slot_info: Any = lib.vfio_slot_info
+slot_churn: Any = lib.vfio_slot_churn
 handle_open: Any = lib.vfio_handle_open
 noop: Any = lib.vfio_noop
 noop_gil: Any = fast.vfio_noop_gil

@@ -9,8 +9,11 @@ locks in it - so an exception, a signal or a killed process leaves it usable.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ from typing import Any, TypeVar
 from vfio_emu import _binding as C
 from vfio_emu import dmesg as _dmesg
 from vfio_emu.clock import Clock
-from vfio_emu.completion import Completion
+from vfio_emu.completion import WAIT_SLICE_NS, Completion
 from vfio_emu.dmesg import WarnRecord
 from vfio_emu.errors import (
     ArenaClosedError,
@@ -33,7 +36,7 @@ from vfio_emu.errors import (
     InvalidHandleError,
     UseAfterFreeError,
 )
-from vfio_emu.handle import KIND_BY_NAME, KIND_NAMES, Handle, Token, int32
+from vfio_emu.handle import _ARENA_ONLY, KIND_BY_NAME, KIND_NAMES, Handle, Token, int32
 from vfio_emu.refcount import Kref, Refcount
 
 _H = TypeVar("_H", bound=Handle)
@@ -66,10 +69,11 @@ class SlotInfo:
 def _check_name(name: object) -> str:
     if not isinstance(name, str):
         raise InvalidArgumentError(f"arena name must be a str, not {type(name).__name__}")
-    if not name or len(name) > 200 or "/" in name or "\0" in name or name in (".", ".."):
+    if (not name or len(name.encode("utf-8", "surrogatepass")) > 200 or "/" in name
+            or "\0" in name or name in (".", "..")):
         raise InvalidArgumentError(
             f"arena name {name!r} is not a valid shared-memory name "
-            "(1-200 characters, no '/' or NUL)")
+            "(1 to 200 bytes of UTF-8, no '/' or NUL)")
     return name
 
 
@@ -80,6 +84,8 @@ def _os_error(rc: int, err: int, name: str) -> ArenaError:
         return ArenaExistsError(f"a shared-memory segment named '{name}' already exists")
     if rc in _FORMAT_PROBLEMS:
         return ArenaFormatError(f"segment '{name}' {_FORMAT_PROBLEMS[rc]}")
+    if err == errno.ENOSPC:
+        return ArenaError(f"arena '{name}': no space left for the segment (is /dev/shm full?)")
     return ArenaError(f"arena '{name}': {os.strerror(err) if err else f'status {rc}'}")
 
 
@@ -92,8 +98,10 @@ def _unlink_at_exit(name: str, creator_pid: int) -> None:
 class Arena:
     """A named shared-memory segment of fixed-size object slots and a WARN ring."""
 
-    def __init__(self, ptr: Any, name: str, owner: bool) -> None:
+    def __init__(self, ptr: Any, name: str, owner: bool, *, _key: object = None) -> None:
         """Use Arena.create() or Arena.attach()."""
+        if _key is not _ARENA_ONLY:
+            raise TypeError("arenas come from Arena.create() or Arena.attach()")
         self._ptr = C.gc(ptr, C.arena_release)
         self._name = name
         self._pid = os.getpid()
@@ -128,14 +136,16 @@ class Arena:
                 raise InvalidArgumentError(f"{what}={value!r} must be an int from 1 to {top}")
         if type(hz) is not int or not 1 <= hz <= 100_000:
             raise InvalidArgumentError(f"hz={hz!r} must be an int from 1 to 100000")
-        if not isinstance(time_scale, (int, float)) or not 0 < time_scale < float("inf"):
-            raise InvalidArgumentError(f"time_scale={time_scale!r} must be a positive number")
+        if (not isinstance(time_scale, (int, float)) or isinstance(time_scale, bool)
+                or not 1e-3 <= time_scale <= 1e9):
+            raise InvalidArgumentError(
+                f"time_scale={time_scale!r} must be a number from 0.001 to 1e9")
         out, err = C.new("vfio_arena_t **"), C.new("int *")
         rc = C.arena_create(("/" + name).encode(), capacity, warn_capacity, hz,
                             float(time_scale), out, err)
         if rc:
             raise _os_error(rc, err[0], name)
-        return cls(out[0], name, owner=True)
+        return cls(out[0], name, owner=True, _key=_ARENA_ONLY)
 
     @classmethod
     def attach(cls, name: str) -> Arena:
@@ -145,7 +155,7 @@ class Arena:
         rc = C.arena_attach(("/" + name).encode(), out, err)
         if rc:
             raise _os_error(rc, err[0], name)
-        return cls(out[0], name, owner=False)
+        return cls(out[0], name, owner=False, _key=_ARENA_ONLY)
 
     @staticmethod
     def unlink(name: str) -> None:
@@ -164,15 +174,17 @@ class Arena:
         """
         if self.closed:
             return
-        owner = self._finalizer is not None and os.getpid() == self._pid
+        owner = self.owner
         err = C.new("int *")
         rc = C.arena_close(self._ptr, int(owner), err)
+        if rc and not self.closed:
+            raise ArenaError(f"closing arena '{self._name}': {os.strerror(err[0])}")
         if self._finalizer is not None:
             self._finalizer.detach()
         if _open_arenas.get(self._name) is self:
             del _open_arenas[self._name]
-        if rc:
-            raise ArenaError(f"closing arena '{self._name}': {os.strerror(err[0])}")
+        if rc and err[0] != errno.ENOENT:  # already unlinked by hand: nothing left to do
+            raise ArenaError(f"unlinking arena '{self._name}': {os.strerror(err[0])}")
 
     def __enter__(self) -> Arena:
         return self
@@ -200,7 +212,7 @@ class Arena:
     @property
     def in_use(self) -> int:
         """Objects currently allocated, across all processes."""
-        return int(self._info().in_use)
+        return int(self._open_info().in_use)
 
     @property
     def owner(self) -> bool:
@@ -223,8 +235,9 @@ class Arena:
 
     @spin_ns.setter
     def spin_ns(self, value: int) -> None:
-        if type(value) is not int or value < 0:
-            raise InvalidArgumentError(f"spin_ns={value!r} must be a non-negative int")
+        if type(value) is not int or not 0 <= value <= WAIT_SLICE_NS:
+            raise InvalidArgumentError(
+                f"spin_ns={value!r} must be an int from 0 to {WAIT_SLICE_NS} (one wait slice)")
         C.arena_set_spin(self._ptr, value)
 
     # -- objects ----------------------------------------------------------------
@@ -257,7 +270,7 @@ class Arena:
         if arena != self._name:
             raise InvalidHandleError(
                 f"token {tuple(token)!r} belongs to arena '{arena}', not '{self._name}'")
-        if kind not in KIND_BY_NAME:
+        if not isinstance(kind, str) or kind not in KIND_BY_NAME:
             raise InvalidHandleError(f"token {tuple(token)!r}: unknown object kind {kind!r}")
         return self._open(KIND_BY_NAME[kind], index, gen)
 
@@ -278,19 +291,36 @@ class Arena:
     # -- WARN log --------------------------------------------------------------
 
     def dmesg(self, since: int = 0) -> list[WarnRecord]:
-        """WARN records with a sequence number above since, oldest first, from every process."""
-        info = self._info()
-        if info.closed:
-            raise ArenaClosedError(f"arena '{self._name}' is closed")
+        """WARN records with a sequence number above since, oldest first, from every process.
+
+        Records already overwritten by the ring, or still being written, are not returned.
+        """
+        if type(since) is not int or since < 0:
+            raise InvalidArgumentError(f"since={since!r} must be a non-negative int")
+        info = self._open_info()
         return _dmesg.read(self._ptr, since, int(info.warn_head), self._warn_capacity)
 
     @property
     def warn_seq(self) -> int:
         """Sequence number of the newest WARN (pass it to dmesg(since=...) later)."""
-        return int(self._info().warn_head)
+        return int(self._open_info().warn_head)
+
+    @property
+    def warn_dropped(self) -> int:
+        """WARNs the ring could not record (a record busy with a live writer)."""
+        return int(self._open_info().warn_dropped)
 
     def warn(self, text: str, obj: Handle | None = None) -> WarnRecord:
-        """Record a WARN raised by a higher layer, with the caller's stack."""
+        """Record a WARN raised by a higher layer, with the caller's stack.
+
+        Returns the record as logged; if the ring could not keep it (seq 0,
+        counted in warn_dropped) or it was overwritten at once, the record as
+        it would have been logged.
+        """
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"WARN text must be a str, not {type(text).__name__}")
+        if obj is not None and (not isinstance(obj, Handle) or obj._arena is not self):
+            raise InvalidArgumentError(f"{obj!r} is not an object of arena '{self._name}'")
         h = obj._h if obj is not None else C.NULL
         seq = C.warn_emit(self._ptr, h, C.WARN_OTHER, text.encode("utf-8", "replace"))
         if seq < 0:
@@ -298,7 +328,17 @@ class Arena:
                 raise obj._error(seq, "warn")
             raise ArenaClosedError(f"arena '{self._name}' is closed")
         _dmesg.attach_stack(self._ptr, seq)
-        return next(r for r in _dmesg.read(self._ptr, seq - 1, seq, self._warn_capacity))
+        logged = _dmesg.read(self._ptr, seq - 1, seq, self._warn_capacity) if seq else []
+        if logged:
+            return logged[0]
+        return WarnRecord(
+            seq=seq, kind="WARN", text=text, pid=os.getpid(), tid=threading.get_native_id(),
+            time_ns=time.monotonic_ns(),
+            object_kind=KIND_NAMES[obj.KIND] if obj is not None else "",
+            object_index=obj.index if obj is not None else 0xFFFFFFFF,
+            object_gen=obj.gen if obj is not None else 0,
+            label=obj.label if obj is not None else "", old=0, new=0,
+            stack=_dmesg.caller_stack())
 
     # -- internals ---------------------------------------------------------------
 
@@ -307,12 +347,20 @@ class Arena:
         C.arena_info(self._ptr, info)
         return info
 
+    def _open_info(self) -> Any:
+        info = self._info()
+        if info.closed:
+            raise ArenaClosedError(f"arena '{self._name}' is closed")
+        return info
+
     def _alloc(self, cls: type[_H], label: str | None) -> _H:
         if label is not None and not isinstance(label, str):
             raise InvalidArgumentError(f"label must be a str, not {type(label).__name__}")
         if label and "\0" in label:
             raise InvalidArgumentError(f"label {label!r} contains a NUL character")
+        # Cut to the slot's field on a character boundary, so every reader decodes the same.
         raw = (label or "").encode("utf-8", "replace")[: C.LABEL_MAX - 1]
+        raw = raw.decode("utf-8", "ignore").encode()
         h = C.new("vfio_handle_t *")
         rc = C.slot_alloc(self._ptr, cls.KIND, raw, h)
         if rc == C.E_FULL:
@@ -320,7 +368,7 @@ class Arena:
                 f"arena '{self._name}' is full: all {self._capacity} slots are in use")
         if rc:
             raise self._status_error(rc, "allocate")
-        return cls(self, h, raw.decode("utf-8", "replace"))
+        return cls(self, h, raw.decode(), _key=_ARENA_ONLY)
 
     def _open(self, kind: int, index: object, gen: object) -> Any:
         if type(index) is not int or type(gen) is not int:
@@ -329,8 +377,10 @@ class Arena:
             raise InvalidHandleError(
                 f"slot {index} is out of range for arena '{self._name}' "
                 f"(capacity {self._capacity})")
-        if not 0 <= gen < (1 << 32):
-            raise InvalidHandleError(f"generation {gen} is out of range")
+        if not 0 <= gen < (1 << 32) or not gen & 1:
+            raise InvalidHandleError(
+                f"generation {gen} never named an object (allocated generations are odd "
+                "32-bit numbers)")
         h = C.new("vfio_handle_t *")
         rc = C.handle_open(self._ptr, index, gen, kind, h)
         if rc == C.E_STALE and not self.closed:
@@ -343,7 +393,7 @@ class Arena:
                 f"it {self._slot_state(index)}")
         if rc:
             raise self._status_error(rc, "open")
-        return _CLASSES[kind](self, h, self._slot_label(index))
+        return _CLASSES[kind](self, h, self._slot_label(index), _key=_ARENA_ONLY)
 
     def _status_error(self, rc: int, op: str) -> EmulatorError:
         if self.closed:

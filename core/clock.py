@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from vfio_emu.errors import InvalidArgumentError
+
 #: schedule_timeout()'s "forever" (LONG_MAX): no deadline at all.
 MAX_SCHEDULE_TIMEOUT = (1 << 63) - 1
 
@@ -43,4 +45,6 @@ class Clock:
 
     def msecs_to_jiffies(self, ms: int) -> int:
         """msecs_to_jiffies(): emulated milliseconds to jiffies, rounded up."""
+        if type(ms) is not int or ms < 0:
+            raise InvalidArgumentError(f"ms={ms!r} must be a non-negative int")
         return -(-ms * self.hz // 1000)

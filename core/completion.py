@@ -5,7 +5,10 @@ kernel's return conventions.  Every wait - even the uninterruptible one -
 sleeps in slices of WAIT_SLICE_NS and comes back to Python between them, so
 Ctrl-C or a pytest-timeout always gets through.  If such an exception lands
 just after the C core took a count, the count is handed back (complete()),
-so an interrupted wait never loses or double-consumes one.
+so an interrupted wait never loses or double-consumes one.  (That needs
+CPython 3.11 or later, which runs signal handlers only at calls and loop
+jumps; on 3.10 a handler may also run between the wait's return and its
+caller, and a count taken in that instant is lost with the exception.)
 """
 
 from __future__ import annotations
@@ -33,10 +36,10 @@ _E_INTR = C.E_INTR
 
 
 def _timeout(timeout: object) -> int:
-    if type(timeout) is not int or timeout < 0:
+    if type(timeout) is not int or not 0 <= timeout <= MAX_SCHEDULE_TIMEOUT:
         raise InvalidArgumentError(
-            f"timeout={timeout!r} must be a non-negative int of jiffies "
-            "(MAX_SCHEDULE_TIMEOUT for none)")
+            f"timeout={timeout!r} must be an int of jiffies from 0 to "
+            "MAX_SCHEDULE_TIMEOUT (which means none)")
     return timeout
 
 

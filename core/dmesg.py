@@ -20,8 +20,6 @@ _INTERNAL = frozenset(
     {"vfio_emu.handle", "vfio_emu.refcount", "vfio_emu.completion", "vfio_emu.dmesg",
      "vfio_emu.arena"}
 )
-_KIND_NAMES = {C.KIND_REFCOUNT: "refcount", C.KIND_KREF: "kref",
-               C.KIND_COMPLETION: "completion"}
 
 
 def caller_stack(limit: int = 32) -> str:
@@ -99,7 +97,7 @@ def read(arena_ptr: Any, since: int, head: int, capacity: int) -> list[WarnRecor
                 pid=entry.pid,
                 tid=entry.tid,
                 time_ns=entry.time_ns,
-                object_kind=_KIND_NAMES.get(entry.obj_kind, ""),
+                object_kind=C.KIND_NAMES.get(entry.obj_kind, ""),
                 object_index=entry.obj_index,
                 object_gen=entry.obj_gen,
                 label=_decode(entry.label),
@@ -112,5 +110,9 @@ def read(arena_ptr: Any, since: int, head: int, capacity: int) -> list[WarnRecor
 
 
 def attach_stack(arena_ptr: Any, first_seq: int) -> None:
-    """Give the caller's stack to the WARNs this thread just recorded from first_seq on."""
-    C.warn_set_stack(arena_ptr, first_seq, caller_stack().encode("utf-8", "replace"))
+    """Give the caller's stack to the WARNs this thread just recorded from first_seq on.
+
+    Sequence 0 means the ring dropped the WARN (warn_dropped counts it): nothing to stamp.
+    """
+    if first_seq:
+        C.warn_set_stack(arena_ptr, first_seq, caller_stack().encode("utf-8", "replace"))

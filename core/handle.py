@@ -26,7 +26,7 @@ from vfio_emu.errors import (
 if TYPE_CHECKING:
     from vfio_emu.arena import Arena
 
-KIND_NAMES = {C.KIND_REFCOUNT: "refcount", C.KIND_KREF: "kref", C.KIND_COMPLETION: "completion"}
+KIND_NAMES = C.KIND_NAMES
 KIND_BY_NAME = {name: kind for kind, name in KIND_NAMES.items()}
 
 
@@ -39,13 +39,25 @@ class Token(NamedTuple):
     gen: int
 
 
+#: Only the arena makes handles: a handle made by hand could point anywhere.
+_ARENA_ONLY = object()
+
+
 class Handle:
-    """Base of Refcount, Kref and Completion: an object living in an arena slot."""
+    """Base of Refcount, Kref and Completion: an object living in an arena slot.
+
+    Objects come from an Arena (arena.kref(), arena.open(token), unpickling),
+    never from calling these classes.
+    """
 
     __slots__ = ("__weakref__", "_arena", "_h", "_label")
     KIND: ClassVar[int] = 0
 
-    def __init__(self, arena: Arena, h: Any, label: str) -> None:
+    def __init__(self, arena: Arena, h: Any, label: str, *, _key: object = None) -> None:
+        if _key is not _ARENA_ONLY:
+            raise TypeError(f"{type(self).__name__} objects come from an Arena "
+                            f"(e.g. arena.{KIND_NAMES.get(self.KIND, 'kref')}()), not from "
+                            "the class")
         self._arena = arena
         self._h = h
         self._label = label

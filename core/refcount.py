@@ -8,7 +8,7 @@ caller's stack, an error to raise, a release to run) goes to the slow path.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Optional
 
 from vfio_emu import _binding as C
@@ -35,10 +35,24 @@ _read = C.refcount_read
 _set = C.refcount_set
 
 
-def _count(n: object) -> int:
-    if type(n) is not int or n < 0:
-        raise InvalidArgumentError(f"n={n!r} must be a non-negative int")
-    return n
+#: Batches run in C in chunks of this many, so signal handlers still run between them.
+BATCH_CHUNK = 1 << 20
+
+
+def _batch(fn: Any, h: Any, n: object) -> int:
+    """n calls of a batch entry point, chunked; folds the results as C folds them."""
+    if type(n) is not int or not 0 <= n < (1 << 63):
+        raise InvalidArgumentError(f"n={n!r} must be an int from 0 to 2**63 - 1")
+    acc = 0
+    while n > 0:
+        r = fn(h, min(n, BATCH_CHUNK))
+        if r < 0:
+            return r  # type: ignore[no-any-return]
+        if r & C.RET_WARN and not acc & C.RET_WARN:
+            acc |= r & ~C.RET_TRUE  # the first WARN's sequence
+        acc |= r & C.RET_TRUE
+        n -= BATCH_CHUNK
+    return acc
 
 
 class Refcount(Handle):
@@ -135,8 +149,8 @@ class Kref(Handle):
     __slots__ = ("release",)
     KIND = C.KIND_KREF
 
-    def __init__(self, arena: Arena, h: Any, label: str) -> None:
-        super().__init__(arena, h, label)
+    def __init__(self, arena: Arena, h: Any, label: str, *, _key: object = None) -> None:
+        super().__init__(arena, h, label, _key=_key)
         self.release: Optional[Release] = None  # noqa: UP045 - runtime annotation on 3.10
 
     def init(self) -> None:
@@ -174,13 +188,13 @@ class Kref(Handle):
 
     def get_many(self, n: int) -> None:
         """n x kref_get() in one C call."""
-        r = C.refcount_inc_many(self._h, _count(n))
+        r = _batch(C.refcount_inc_many, self._h, n)
         if r:
             self._slow(r, "kref_get")
 
     def put_many(self, n: int, release: Release | None = None) -> int:
         """n x kref_put() in one C call; runs release (once) if one of them reached zero."""
-        r = C.refcount_dec_and_test_many(self._h, _count(n))
+        r = _batch(C.refcount_dec_and_test_many, self._h, n)
         if r:
             return self._put_slow(r, release, "kref_put")
         return 0
@@ -195,52 +209,59 @@ class Kref(Handle):
 
 
 class KrefArray:
-    """kref_get()/kref_put() on many objects in one C call each."""
+    """kref_get()/kref_put() on many krefs of one arena, in one C call each."""
 
-    __slots__ = ("_bad", "_hit", "_krefs", "_ptrs")
+    __slots__ = ("_krefs", "_ptrs")
 
-    def __init__(self, krefs: Sequence[Kref]) -> None:
-        for k in krefs:
+    def __init__(self, krefs: Iterable[Kref]) -> None:
+        try:
+            self._krefs = tuple(krefs)
+        except TypeError:
+            raise InvalidArgumentError(
+                f"KrefArray takes an iterable of Kref objects, not {krefs!r}") from None
+        for k in self._krefs:
             if not isinstance(k, Kref):
                 raise InvalidArgumentError(f"KrefArray takes Kref objects, not {k!r}")
-        self._krefs = tuple(krefs)
+            if k._arena is not self._krefs[0]._arena:
+                raise InvalidArgumentError("KrefArray takes krefs of one arena only")
         self._ptrs = C.new("vfio_handle_t *[]", [k._h for k in self._krefs])
-        self._hit = C.new("uint8_t[]", len(self._krefs))
-        self._bad = C.new("int64_t *")
 
     def __len__(self) -> int:
         return len(self._krefs)
 
     def get(self) -> None:
         """kref_get() on every object (none moves if any handle is stale)."""
-        r = C.refcount_inc_array(self._ptrs, len(self._krefs), self._bad)
+        bad = C.new("int64_t *")
+        r = C.refcount_inc_array(self._ptrs, len(self._krefs), bad)
         if r:
-            self._slow(r, "kref_get")
+            self._slow(r, bad, "kref_get")
 
     def put(self, release: Release | None = None) -> int:
         """kref_put() on every object; runs release for each that reached zero; returns how many.
 
-        If a release raises, the others still run and the first exception is re-raised.
+        Every object that reached zero gets its release even if another's
+        raises; the first exception is re-raised afterwards.
         """
-        r = C.refcount_dec_and_test_array(self._ptrs, len(self._krefs), self._hit, self._bad)
+        # Per call: the C call lets other threads run, and they may use this array too.
+        hit, bad = C.new("uint8_t[]", len(self._krefs)), C.new("int64_t *")
+        r = C.refcount_dec_and_test_array(self._ptrs, len(self._krefs), hit, bad)
         if not r:
             return 0
-        self._slow(r, "kref_put")
+        self._slow(r, bad, "kref_put")
         released = 0
         error: BaseException | None = None
-        for k, hit in zip(self._krefs, self._hit, strict=True):
-            if hit:
+        for k, was_hit in zip(self._krefs, hit, strict=True):
+            if was_hit:
                 released += 1
                 try:
                     k._put_slow(C.RET_TRUE, release, "kref_put")
-                except Exception as e:  # every object that reached zero gets its release
+                except BaseException as e:
                     error = error or e
         if error is not None:
             raise error
         return released
 
-    def _slow(self, r: int, op: str) -> None:
+    def _slow(self, r: int, bad: Any, op: str) -> None:
         if r < 0:
-            bad = self._krefs[self._bad[0]]
-            raise bad._error(r, op)
+            raise self._krefs[bad[0]]._error(r, op)
         self._krefs[0]._slow(r & ~C.RET_TRUE, op)

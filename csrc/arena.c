@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -44,7 +45,9 @@ static int64_t default_spin_ns(void)
 	return sysconf(_SC_NPROCESSORS_ONLN) > 1 ? 5000 : 0;
 }
 
-static struct vfio_arena *arena_new(const char *name, char *base, size_t size, int owner)
+/* capacity and warn_capacity are validated copies, never re-read from the segment. */
+static struct vfio_arena *arena_new(const char *name, char *base, size_t size, int owner,
+				    uint32_t capacity, uint32_t warn_capacity)
 {
 	struct vfio_arena *a = calloc(1, sizeof(*a));
 
@@ -53,10 +56,11 @@ static struct vfio_arena *arena_new(const char *name, char *base, size_t size, i
 	a->base = base;
 	a->size = size;
 	a->hdr = (struct vfio_arena_hdr *)base;
-	a->slots = (struct vfio_slot *)(base + a->hdr->slots_offset);
-	a->ring = (struct vfio_warn_rec *)(base + a->hdr->ring_offset);
-	a->capacity = a->hdr->capacity;
-	a->warn_capacity = a->hdr->warn_capacity;
+	a->slots = (struct vfio_slot *)(base + VFIO_HDR_SIZE);
+	a->ring = (struct vfio_warn_rec *)(base + VFIO_HDR_SIZE +
+					   (uint64_t)capacity * VFIO_SLOT_SIZE);
+	a->capacity = capacity;
+	a->warn_capacity = warn_capacity;
 	a->owner = owner;
 	a->spin_ns = default_spin_ns();
 	strncpy(a->name, name, sizeof(a->name) - 1);
@@ -69,12 +73,13 @@ int vfio_arena_create(const char *name, uint32_t capacity, uint32_t warn_capacit
 	struct vfio_arena_hdr *hdr;
 	uint64_t size;
 	char *base;
-	int fd;
+	int fd, rc;
 
 	*out = NULL;
 	*err = 0;
 	if (!capacity || capacity > VFIO_CAPACITY_MAX || !warn_capacity ||
-	    warn_capacity > VFIO_WARN_CAPACITY_MAX || !hz || !(time_scale > 0))
+	    warn_capacity > VFIO_WARN_CAPACITY_MAX || !hz || !(time_scale > 0) ||
+	    strlen(name) > VFIO_NAME_MAX)
 		return VFIO_E_INVAL;
 	size = layout_size(capacity, warn_capacity);
 
@@ -83,8 +88,15 @@ int vfio_arena_create(const char *name, uint32_t capacity, uint32_t warn_capacit
 		*err = errno;
 		return errno == EEXIST ? VFIO_E_EXIST : VFIO_E_SYS;
 	}
-	if (ftruncate(fd, (off_t)size) < 0)
+	/*
+	 * Reserve every page now: a sparse segment on a full tmpfs would only
+	 * fail later, as SIGBUS in whichever process first touches a page.
+	 */
+	rc = posix_fallocate(fd, 0, (off_t)size);
+	if (rc) {
+		errno = rc;
 		goto fail_unlink;
+	}
 	base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 	if (base == MAP_FAILED)
 		goto fail_unlink;
@@ -114,7 +126,7 @@ int vfio_arena_create(const char *name, uint32_t capacity, uint32_t warn_capacit
 	atomic_store_explicit((_Atomic uint64_t *)&hdr->magic, VFIO_ARENA_MAGIC,
 			      memory_order_release);
 
-	*out = arena_new(name, base, size, 1);
+	*out = arena_new(name, base, size, 1, capacity, warn_capacity);
 	if (!*out) {
 		munmap(base, size);
 		shm_unlink(name);
@@ -130,40 +142,50 @@ fail_unlink:
 	return VFIO_E_SYS;
 }
 
-/* Check every header field against the others and against the file size. */
-static int check_header(const struct vfio_arena_hdr *hdr, uint64_t file_size)
+/*
+ * Check every header field against the others and against the file size,
+ * reading each once: what is returned is what was checked.
+ */
+static int check_header(const struct vfio_arena_hdr *hdr, uint64_t file_size,
+			uint32_t *capacity, uint32_t *warn_capacity)
 {
 	uint64_t magic = atomic_load_explicit((_Atomic uint64_t *)&hdr->magic,
 					      memory_order_acquire);
+	const volatile struct vfio_arena_hdr *h = hdr;
+	uint32_t cap = h->capacity, wcap = h->warn_capacity;
+	uint64_t total = h->total_size;
+	double scale = h->time_scale;
 
 	if (magic != VFIO_ARENA_MAGIC)
 		return VFIO_E_FOREIGN;
-	if (hdr->version != VFIO_ARENA_VERSION)
+	if (h->version != VFIO_ARENA_VERSION)
 		return VFIO_E_VERSION;
-	if (hdr->slot_size != VFIO_SLOT_SIZE || hdr->warn_rec_size != VFIO_WARN_REC_SIZE ||
-	    hdr->hdr_size != VFIO_HDR_SIZE || !hdr->capacity ||
-	    hdr->capacity > VFIO_CAPACITY_MAX || !hdr->warn_capacity ||
-	    hdr->warn_capacity > VFIO_WARN_CAPACITY_MAX || !hdr->hz ||
-	    !(hdr->time_scale > 0) ||
-	    hdr->total_size != layout_size(hdr->capacity, hdr->warn_capacity) ||
-	    hdr->slots_offset != VFIO_HDR_SIZE ||
-	    hdr->ring_offset != VFIO_HDR_SIZE + (uint64_t)hdr->capacity * VFIO_SLOT_SIZE)
+	if (h->slot_size != VFIO_SLOT_SIZE || h->warn_rec_size != VFIO_WARN_REC_SIZE ||
+	    h->hdr_size != VFIO_HDR_SIZE || !cap || cap > VFIO_CAPACITY_MAX || !wcap ||
+	    wcap > VFIO_WARN_CAPACITY_MAX || !h->hz || !(scale > 0) ||
+	    total != layout_size(cap, wcap) || h->slots_offset != VFIO_HDR_SIZE ||
+	    h->ring_offset != VFIO_HDR_SIZE + (uint64_t)cap * VFIO_SLOT_SIZE)
 		return VFIO_E_CORRUPT;
-	if (file_size < hdr->total_size)
+	if (file_size < total)
 		return VFIO_E_TRUNCATED;
-	if (file_size != hdr->total_size)
+	if (file_size != total)
 		return VFIO_E_CORRUPT;
+	*capacity = cap;
+	*warn_capacity = wcap;
 	return VFIO_OK;
 }
 
 int vfio_arena_attach(const char *name, vfio_arena_t **out, int *err)
 {
+	uint32_t capacity, warn_capacity;
 	struct stat st;
 	char *base;
 	int fd, rc;
 
 	*out = NULL;
 	*err = 0;
+	if (strlen(name) > VFIO_NAME_MAX)
+		return VFIO_E_INVAL;
 	fd = shm_open(name, O_RDWR, 0);
 	if (fd < 0) {
 		*err = errno;
@@ -191,13 +213,14 @@ int vfio_arena_attach(const char *name, vfio_arena_t **out, int *err)
 		*err = 0;
 		return rc;
 	}
-	rc = check_header((struct vfio_arena_hdr *)base, (uint64_t)st.st_size);
+	rc = check_header((struct vfio_arena_hdr *)base, (uint64_t)st.st_size, &capacity,
+			  &warn_capacity);
 	if (rc != VFIO_OK) {
 		munmap(base, (size_t)st.st_size);
 		*err = 0;
 		return rc;
 	}
-	*out = arena_new(name, base, (size_t)st.st_size, 0);
+	*out = arena_new(name, base, (size_t)st.st_size, 0, capacity, warn_capacity);
 	if (!*out) {
 		munmap(base, (size_t)st.st_size);
 		*err = ENOMEM;
@@ -308,15 +331,20 @@ int vfio_slot_alloc(vfio_arena_t *a, uint32_t kind, const char *label, vfio_hand
 							 memory_order_acquire));
 
 	gen = atomic_load_explicit(&s->gen, memory_order_relaxed);
+	if (gen & 1)
+		return VFIO_E_CORRUPT;	/* a live slot was on the free list: leave it alone */
 	atomic_store_explicit(&s->kind, kind, memory_order_relaxed);
 	atomic_store_explicit(&s->refs, 0, memory_order_relaxed);
 	atomic_store_explicit(&s->done, 0, memory_order_relaxed);
-	atomic_store_explicit(&s->waiters, 0, memory_order_relaxed);
+	/*
+	 * 'waiters' is left alone: sleepers woken by the free of the previous
+	 * object may not have left yet, and their decrements must balance.
+	 */
 	atomic_store_explicit(&s->owner_pid, (uint32_t)getpid(), memory_order_relaxed);
 	memset(s->label, 0, sizeof(s->label));
 	if (label)
 		strncpy(s->label, label, sizeof(s->label) - 1);
-	gen = (gen | 1u) == gen ? gen + 2 : gen + 1;	/* next odd value */
+	gen += 1;	/* even (free) -> odd (allocated) */
 	atomic_store_explicit(&s->gen, gen, memory_order_release);
 	atomic_fetch_add_explicit(&hdr->in_use, 1, memory_order_relaxed);
 
@@ -400,6 +428,40 @@ int vfio_slot_info(const vfio_arena_t *a, uint32_t index, vfio_slot_info_t *out)
 	memcpy(out->label, s->label, sizeof(out->label));
 	out->label[sizeof(out->label) - 1] = 0;
 	return VFIO_OK;
+}
+
+/*
+ * Allocator self-test at C speed: n rounds of (alloc two slots, stamp them
+ * with this thread's id, check the stamps, free them in alternating order).
+ * Holding two slots and pushing one back while others pop is what exposes
+ * ABA on the free list.  Returns how many times another thread was found in
+ * a slot this one owned (0 unless a slot was handed out twice), or a status.
+ */
+int64_t vfio_slot_churn(vfio_arena_t *a, int64_t n)
+{
+	int32_t me = (int32_t)syscall(SYS_gettid);
+	vfio_handle_t h[2];
+	int64_t bad = 0;
+	int rc, got;
+
+	for (int64_t i = 0; i < n; i++) {
+		for (got = 0; got < 2; got++) {
+			rc = vfio_slot_alloc(a, VFIO_KIND_REFCOUNT, NULL, &h[got]);
+			if (rc == VFIO_E_FULL)
+				break;
+			if (rc)
+				return rc;
+			atomic_store_explicit(&h[got].slot->refs, me, memory_order_relaxed);
+		}
+		for (int k = 0; k < 16; k++)
+			for (int j = 0; j < got; j++)
+				if (atomic_load_explicit(&h[j].slot->refs, memory_order_relaxed) != me)
+					bad++;
+		for (int j = 0; j < got; j++)
+			if (vfio_slot_free(&h[(i & 1) ? got - 1 - j : j]))
+				bad++;
+	}
+	return bad;
 }
 
 /* The baseline every benchmark ratio is measured against. */

@@ -75,6 +75,7 @@ int vfio_slot_free(vfio_handle_t *h);
 int vfio_handle_open(vfio_arena_t *a, uint32_t index, uint32_t gen, uint32_t kind,
                      vfio_handle_t *h);
 int vfio_slot_info(const vfio_arena_t *a, uint32_t index, vfio_slot_info_t *out);
+int64_t vfio_slot_churn(vfio_arena_t *a, int64_t n);
 int64_t vfio_noop(vfio_handle_t *h);
 int64_t vfio_monotonic_ns(void);
 

@@ -68,16 +68,10 @@ static inline int try_consume(struct vfio_slot *s, uint32_t *consumed)
 	return 0;
 }
 
-#define CHECK(h)							\
-	do {								\
-		if (vfio_unlikely(!vfio_handle_ok(h)))			\
-			return VFIO_E_STALE;				\
-	} while (0)
-
 /* init_completion / reinit_completion: done = 0, waiters untouched. */
 int64_t vfio_completion_reinit(vfio_handle_t *h)
 {
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	atomic_store_explicit(&h->slot->done, 0, memory_order_release);
 	return 0;
 }
@@ -87,7 +81,7 @@ int64_t vfio_completion_complete(vfio_handle_t *h)
 	struct vfio_slot *s = h->slot;
 	uint32_t d;
 
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	d = atomic_load_explicit(&s->done, memory_order_relaxed);
 	while (d != DONE_ALL &&
 	       !atomic_compare_exchange_weak_explicit(&s->done, &d, d + 1, memory_order_seq_cst,
@@ -103,7 +97,7 @@ int64_t vfio_completion_complete_all(vfio_handle_t *h)
 {
 	struct vfio_slot *s = h->slot;
 
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	atomic_store_explicit(&s->done, DONE_ALL, memory_order_seq_cst);
 	if (atomic_load_explicit(&s->waiters, memory_order_seq_cst))
 		vfio_futex_wake(&s->done, INT_MAX);
@@ -114,25 +108,25 @@ int64_t vfio_completion_try_wait(vfio_handle_t *h)
 {
 	uint32_t consumed;
 
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	return try_consume(h->slot, &consumed);
 }
 
 int64_t vfio_completion_done(vfio_handle_t *h)
 {
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	return atomic_load_explicit(&h->slot->done, memory_order_acquire) != 0;
 }
 
 int64_t vfio_completion_read(vfio_handle_t *h)
 {
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	return atomic_load_explicit(&h->slot->done, memory_order_acquire);
 }
 
 int64_t vfio_completion_waiters(vfio_handle_t *h)
 {
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	return atomic_load_explicit(&h->slot->waiters, memory_order_acquire);
 }
 
@@ -153,15 +147,22 @@ int64_t vfio_completion_wait(vfio_handle_t *h, int64_t deadline_ns, int64_t slic
 	int64_t rc;
 
 	*consumed = 0;
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	if (try_consume(s, consumed))
 		return 1;
 
 	now = vfio_monotonic_ns();
 	if (deadline_ns >= 0 && now >= deadline_ns)
 		return VFIO_E_TIMEDOUT;
-	/* Not while a signal must be seen: only a sleeping waiter gets EINTR. */
-	spin_end = now + h->arena->spin_ns;
+	/*
+	 * Not while a signal must be seen: only a sleeping waiter gets EINTR.
+	 * Never past the slice (signal handlers wait for it) or the deadline.
+	 */
+	if (slice_ns <= 0)
+		slice_ns = 1000000;
+	spin_end = now + (h->arena->spin_ns < slice_ns ? h->arena->spin_ns : slice_ns);
+	if (deadline_ns >= 0 && deadline_ns < spin_end)
+		spin_end = deadline_ns;
 	while (spin && h->arena->spin_ns) {
 		for (int i = 0; i < 16; i++) {
 			cpu_relax();
@@ -173,7 +174,7 @@ int64_t vfio_completion_wait(vfio_handle_t *h, int64_t deadline_ns, int64_t slic
 			break;
 	}
 
-	end = now + (slice_ns > 0 ? slice_ns : 1000000);
+	end = now + slice_ns;
 	if (deadline_ns >= 0 && deadline_ns < end)
 		end = deadline_ns;
 	atomic_fetch_add_explicit(&s->waiters, 1, memory_order_seq_cst);

@@ -84,58 +84,52 @@ static inline int64_t op_sub_and_test(vfio_handle_t *h, int32_t i)
 	return 0;
 }
 
-#define CHECK(h)							\
-	do {								\
-		if (vfio_unlikely(!vfio_handle_ok(h)))			\
-			return VFIO_E_STALE;				\
-	} while (0)
-
 int64_t vfio_refcount_set(vfio_handle_t *h, int32_t n)
 {
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	atomic_store_explicit(&h->slot->refs, n, memory_order_relaxed);
 	return 0;
 }
 
 int64_t vfio_refcount_read(vfio_handle_t *h)
 {
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	return (uint32_t)atomic_load_explicit(&h->slot->refs, memory_order_relaxed);
 }
 
 int64_t vfio_refcount_inc(vfio_handle_t *h)
 {
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	return op_add(h, 1);
 }
 
 int64_t vfio_refcount_add(vfio_handle_t *h, int32_t i)
 {
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	return op_add(h, i);
 }
 
 int64_t vfio_refcount_inc_not_zero(vfio_handle_t *h)
 {
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	return op_add_not_zero(h, 1);
 }
 
 int64_t vfio_refcount_add_not_zero(vfio_handle_t *h, int32_t i)
 {
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	return op_add_not_zero(h, i);
 }
 
 int64_t vfio_refcount_dec_and_test(vfio_handle_t *h)
 {
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	return op_sub_and_test(h, 1);
 }
 
 int64_t vfio_refcount_sub_and_test(vfio_handle_t *h, int32_t i)
 {
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	return op_sub_and_test(h, i);
 }
 
@@ -143,7 +137,7 @@ int64_t vfio_refcount_dec(vfio_handle_t *h)
 {
 	int32_t old;
 
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	old = atomic_fetch_sub_explicit(&h->slot->refs, 1, memory_order_release);
 	if (vfio_unlikely(old <= 1))
 		return saturate(h, VFIO_WARN_DEC_LEAK, old);
@@ -154,7 +148,7 @@ int64_t vfio_refcount_dec_if_one(vfio_handle_t *h)
 {
 	int32_t one = 1;
 
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	return atomic_compare_exchange_strong_explicit(&h->slot->refs, &one, 0,
 						       memory_order_release,
 						       memory_order_relaxed);
@@ -166,7 +160,7 @@ int64_t vfio_refcount_dec_not_one(vfio_handle_t *h)
 	int32_t val;
 	uint32_t next;
 
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	val = atomic_load_explicit(&h->slot->refs, memory_order_relaxed);
 	do {
 		if (val == REFCOUNT_SATURATED)
@@ -191,7 +185,7 @@ int64_t vfio_refcount_inc_many(vfio_handle_t *h, int64_t n)
 {
 	int64_t acc = 0;
 
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	while (n-- > 0)
 		acc = merge(acc, op_add(h, 1));
 	return acc;
@@ -202,7 +196,7 @@ int64_t vfio_refcount_dec_and_test_many(vfio_handle_t *h, int64_t n)
 {
 	int64_t acc = 0;
 
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	while (n-- > 0)
 		acc = merge(acc, op_sub_and_test(h, 1));
 	return acc;
@@ -213,7 +207,7 @@ int64_t vfio_kref_pairs(vfio_handle_t *h, int64_t n)
 {
 	int64_t acc = 0;
 
-	CHECK(h);
+	VFIO_CHECK_HANDLE(h);
 	while (n-- > 0) {
 		acc = merge(acc, op_add(h, 1));
 		acc = merge(acc, op_sub_and_test(h, 1));

@@ -21,7 +21,9 @@
 #define VFIO_WARN_REC_SIZE	2048u
 #define VFIO_LABEL_MAX		48u
 #define VFIO_WARN_TEXT_MAX	128u
-#define VFIO_WARN_STACK_MAX	(VFIO_WARN_REC_SIZE - 48 - VFIO_WARN_TEXT_MAX - VFIO_LABEL_MAX)
+#define VFIO_WARN_REC_HDR	56u	/* the fixed fields before text[] */
+#define VFIO_WARN_STACK_MAX	(VFIO_WARN_REC_SIZE - VFIO_WARN_REC_HDR - VFIO_WARN_TEXT_MAX - VFIO_LABEL_MAX)
+#define VFIO_NAME_MAX		255u	/* shm_open name, leading '/' included */
 #define VFIO_CAPACITY_MAX	(1u << 22)
 #define VFIO_WARN_CAPACITY_MAX	(1u << 16)
 
@@ -89,7 +91,8 @@ struct vfio_slot {
 } __attribute__((aligned(VFIO_SLOT_SIZE)));
 
 struct vfio_warn_rec {
-	_Atomic uint64_t seq;		/* 0 = empty, UINT64_MAX = being written */
+	_Atomic uint64_t seq;		/* 0 = empty; seq | VFIO_WARN_BUSY = being written */
+	_Atomic int64_t claim_ns;	/* when it was claimed: a claim older than 1 s is dead */
 	int64_t time_ns;		/* CLOCK_MONOTONIC */
 	uint32_t kind;
 	uint32_t pid;
@@ -138,7 +141,7 @@ struct vfio_arena {
 	int closed;
 	int owner;
 	int64_t spin_ns;
-	char name[256];
+	char name[VFIO_NAME_MAX + 1];
 };
 
 typedef struct vfio_arena vfio_arena_t;
@@ -207,6 +210,7 @@ int vfio_slot_free(vfio_handle_t *h);
 int vfio_handle_open(vfio_arena_t *a, uint32_t index, uint32_t gen, uint32_t kind,
 		     vfio_handle_t *h);
 int vfio_slot_info(const vfio_arena_t *a, uint32_t index, vfio_slot_info_t *out);
+int64_t vfio_slot_churn(vfio_arena_t *a, int64_t n);
 int64_t vfio_noop(vfio_handle_t *h);
 int64_t vfio_monotonic_ns(void);
 
@@ -259,5 +263,19 @@ static inline int vfio_handle_ok(const vfio_handle_t *h)
 
 #define vfio_likely(x)		__builtin_expect(!!(x), 1)
 #define vfio_unlikely(x)	__builtin_expect(!!(x), 0)
+
+/* Every handle-taking entry point starts with this: stale handles never touch the object. */
+#define VFIO_CHECK_HANDLE(h)						\
+	do {								\
+		if (vfio_unlikely(!vfio_handle_ok(h)))			\
+			return VFIO_E_STALE;				\
+	} while (0)
+
+_Static_assert(sizeof(struct vfio_slot) == VFIO_SLOT_SIZE, "one slot per 128-byte block");
+_Static_assert(sizeof(struct vfio_warn_rec) == VFIO_WARN_REC_SIZE, "WARN record size");
+_Static_assert(offsetof(struct vfio_warn_rec, text) == VFIO_WARN_REC_HDR, "WARN record header");
+_Static_assert(sizeof(struct vfio_arena_hdr) <= VFIO_HDR_SIZE, "header fits its page");
+/* Atomics shared between processes must not be emulated with a process-local lock. */
+_Static_assert(ATOMIC_INT_LOCK_FREE == 2 && ATOMIC_LLONG_LOCK_FREE == 2, "lock-free atomics");
 
 #endif /* VFIO_EMU_H */

@@ -34,6 +34,7 @@ from vfio_emu import (
     Token,
     UseAfterFreeError,
 )
+from vfio_emu import _binding as C
 
 SHM = "/dev/shm/"
 
@@ -631,3 +632,115 @@ def test_segment_layout_is_header_then_128_byte_slots_then_warn_ring(make_arena)
     assert slots_offset == hdr_size
     assert ring_offset - slots_offset == capacity * 128
     assert total_size == size == ring_offset + warn_capacity * warn_rec_size
+
+
+# ---- the allocator under contention -----------------------------------------------------
+
+def _churn(arena, n, q):
+    q.put(C.slot_churn(arena._ptr, n))
+
+
+CHURNERS = 4  # more than the CPUs: a churner preempted between its read and its CAS is the ABA
+
+
+def test_allocator_never_hands_out_one_slot_twice_to_racing_threads(make_arena):
+    """Threads alloc/free 8 slots as fast as C goes (the C call lets the others run)."""
+    import threading
+
+    arena = make_arena(capacity=8)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(C.slot_churn(arena._ptr, 500_000)))
+               for _ in range(CHURNERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [0] * CHURNERS
+    assert arena.in_use == 0
+    assert len({arena.refcount(1).index for _ in range(8)}) == 8
+
+
+def test_allocator_never_hands_out_one_slot_twice_to_racing_processes(make_arena):
+    arena = make_arena(capacity=8)
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_churn, args=(arena, 500_000, q)) for _ in range(CHURNERS)]
+    for p in procs:
+        p.start()
+    try:
+        results = [q.get(timeout=120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(120)
+    assert results == [0] * CHURNERS
+    assert arena.in_use == 0
+
+
+# ---- more bad input -----------------------------------------------------------------------
+
+def test_arena_name_over_200_bytes_of_utf8_is_refused():
+    with pytest.raises(InvalidArgumentError, match="200 bytes"):
+        Arena.create(name="é" * 101)  # 101 characters, 202 bytes
+
+
+def test_arena_and_objects_cannot_be_built_by_hand(arena):
+    from vfio_emu import Kref, Refcount
+
+    with pytest.raises(TypeError, match=r"Arena\.create"):
+        Arena(C.NULL, "x", False)
+    for cls in (Kref, Refcount, Completion):
+        with pytest.raises(TypeError, match="come from an Arena"):
+            cls(arena, C.new("vfio_handle_t *"), "")
+
+
+def test_closing_after_the_segment_was_unlinked_by_hand_still_closes():
+    a = Arena.create(capacity=2)
+    Arena.unlink(a.name)
+    a.close()
+    assert a.closed
+
+
+def test_closed_arena_refuses_questions_about_its_segment():
+    a = Arena.create(capacity=2)
+    a.close()
+    for question in (lambda: a.in_use, lambda: a.warn_seq, lambda: a.dmesg()):
+        with pytest.raises(ArenaClosedError):
+            question()
+
+
+def test_token_with_even_generation_never_named_an_object(arena):
+    k = arena.kref()
+    with pytest.raises(InvalidHandleError, match="never named"):
+        arena.open((arena.name, "kref", k.index, k.gen + 1))
+
+
+@pytest.mark.parametrize("bad", [
+    lambda a: a.warn(123),
+    lambda a: a.warn("x", obj="not an object"),
+    lambda a: a.open((a.name, [], 0, 1)),
+    lambda a: a.dmesg(since="3"),
+    lambda a: a.dmesg(since=-1),
+    lambda a: a.kref().get_many(2**63),
+    lambda a: a.kref().put_many(-1),
+    lambda a: a.clock.msecs_to_jiffies(1.5),
+    lambda a: setattr(a, "spin_ns", 10**12),
+    lambda a: Arena.create(time_scale=5e-324),
+    lambda a: Arena.create(time_scale=1e300),
+], ids=["warn-text", "warn-obj", "open-kind", "dmesg-str", "dmesg-neg", "get_many-huge",
+        "put_many-neg", "msecs-float", "spin-huge", "scale-tiny", "scale-huge"])
+def test_bad_argument_is_a_clear_emulator_error(arena, bad):
+    with pytest.raises((InvalidArgumentError, InvalidHandleError)):
+        bad(arena)
+    assert arena.kref().read() == 1  # and the arena still works
+
+
+def test_warn_about_an_object_of_another_arena_is_refused(arena, make_arena):
+    other = make_arena(capacity=2).kref()
+    with pytest.raises(InvalidArgumentError, match="not an object of arena"):
+        arena.warn("x", other)
+
+
+def test_label_is_cut_on_a_character_boundary(arena):
+    k = arena.kref(label="é" * 40)  # 80 bytes: the slot keeps 47, i.e. 23 whole characters
+    assert k.label == "é" * 23
+    assert arena.open(k.token).label == k.label

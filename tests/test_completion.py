@@ -30,6 +30,7 @@ from vfio_emu import (
     InvalidArgumentError,
     UseAfterFreeError,
 )
+from vfio_emu.completion import WAIT_SLICE_NS
 
 signal_test = pytest.mark.timeout(60, method="thread")
 
@@ -198,18 +199,33 @@ def test_wait_timeout_zero_behaves_like_try_wait(arena):
     assert c.done == UINT_MAX
 
 
-def test_max_schedule_timeout_means_no_deadline(arena):
+def test_max_schedule_timeout_means_no_deadline_and_returns_itself(arena):
+    """schedule_timeout(MAX_SCHEDULE_TIMEOUT) sleeps without end and returns MAX back."""
     c = arena.completion()
-    c.complete()
-    assert c.wait_for_completion_timeout(MAX_SCHEDULE_TIMEOUT) >= 1
+    t = threading.Timer(0.05, c.complete)  # long after a 0-jiffy deadline would have passed
+    t.start()
+    try:
+        assert c.wait_for_completion_timeout(MAX_SCHEDULE_TIMEOUT) == MAX_SCHEDULE_TIMEOUT
+    finally:
+        t.join()
     assert c.done == 0
 
 
-def test_huge_finite_timeout_is_accepted_like_any_long(arena):
+def test_huge_finite_timeout_waits_and_returns_nearly_all_of_it(arena):
     c = arena.completion()
-    c.complete()
-    assert c.wait_for_completion_timeout(MAX_SCHEDULE_TIMEOUT - 1) >= 1
+    t = threading.Timer(0.05, c.complete)
+    t.start()
+    try:
+        left = c.wait_for_completion_timeout(MAX_SCHEDULE_TIMEOUT - 1)
+    finally:
+        t.join()
+    assert MAX_SCHEDULE_TIMEOUT - 1 - 10**9 < left <= MAX_SCHEDULE_TIMEOUT - 1
     assert c.done == 0
+
+
+def test_timeout_above_max_schedule_timeout_is_invalid(arena):
+    with pytest.raises(InvalidArgumentError):
+        arena.completion().wait_for_completion_timeout(MAX_SCHEDULE_TIMEOUT + 1)
 
 
 @pytest.mark.parametrize("bad", [-1, -(1 << 70), 1.5, 10.0, "10", None, True])
@@ -320,11 +336,11 @@ def test_interruptible_wait_does_not_spin_past_a_signal(arena):
     waiting thread; a process-directed one may go to pytest-timeout's thread.
     """
     c = arena.completion()
-    arena.spin_ns = 150_000_000  # an uninterruptible wait would spin 150 ms first
+    arena.spin_ns = WAIT_SLICE_NS  # an uninterruptible wait would spin its whole first slice
     hits = []
     main = threading.main_thread().ident
-    # 30 ms: inside the second 20 ms sleep slice, not at a slice boundary.
-    timer = threading.Timer(0.03, signal.pthread_kill, (main, signal.SIGALRM))
+    # 10 ms: inside the first 20 ms slice, not at a slice boundary.
+    timer = threading.Timer(0.01, signal.pthread_kill, (main, signal.SIGALRM))
     with sigalrm(lambda *_: hits.append(1)):
         timer.start()
         try:
@@ -396,6 +412,32 @@ def test_freeing_a_completion_wakes_its_waiter_with_use_after_free(arena):
     assert arena.in_use == 0
     other = arena.completion()
     assert_counts_exactly(other)
+
+
+def test_reused_completion_slot_starts_with_no_phantom_waiters(make_arena):
+    """Allocation never resets 'waiters': a sleeper woken by free() that leaves only after
+    the slot was reused must not drive the new completion's count below zero."""
+    arena = make_arena(capacity=1)
+    errors = []
+
+    def waiter(c):
+        try:
+            c.wait_for_completion_timeout(BIG_TIMEOUT)
+        except UseAfterFreeError as e:
+            errors.append(e)
+
+    for round_ in range(30):
+        c = arena.completion()
+        t = threading.Thread(target=waiter, args=(c,))
+        t.start()
+        assert wait_for_waiters(c) == 1
+        c.free()
+        reused = arena.completion()  # the only slot: the one the sleeper is leaving
+        t.join(30)
+        assert len(errors) == round_ + 1
+        assert reused.index == c.index
+        assert reused.waiters == 0
+        reused.free()
 
 
 def test_complete_wakes_one_of_two_waiting_threads_and_the_other_sleeps_on(arena):

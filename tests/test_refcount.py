@@ -1,4 +1,4 @@
-"""refcount_t and kref: the v6.1 per-API table (spec §1.3, §1.5), WARN records, batches."""
+"""refcount_t and kref: the v6.1 per-API table, WARN records, batches."""
 
 from __future__ import annotations
 
@@ -546,3 +546,93 @@ def test_kref_array_same_kref_twice_counts_twice_and_releases_once(arena):
     assert KrefArray([k, k]).put(release=rel) == 1
     assert rel.calls == [k]
     assert k.read() == 0
+
+
+# ---- batches and threads --------------------------------------------------------------------
+
+def test_get_many_and_put_many_beyond_one_chunk_count_exactly(arena):
+    from vfio_emu.refcount import BATCH_CHUNK
+
+    k = arena.kref()
+    n = 2 * BATCH_CHUNK + 3
+    k.get_many(n)
+    assert k.read() == n + 1
+    released = []
+    assert k.put_many(n + 1, released.append) == 1
+    assert released == [k] and k.read() == 0
+
+
+def test_kref_array_shared_by_threads_releases_every_kref_exactly_once(make_arena):
+    """Two threads put() the same KrefArray at once; counts alternate 1 and 2, so both
+    calls reach zero somewhere, yet each kref is released exactly once (by one of them)."""
+    import threading
+
+    arena = make_arena(capacity=3000)
+    for _ in range(5):
+        krefs = [arena.kref() for _ in range(3000)]
+        for k in krefs[1::2]:
+            k.get()
+        arr = KrefArray(krefs)
+        released = []
+        threads = [threading.Thread(target=arr.put, args=(released.append,)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(k.index for k in released) == sorted(k.index for k in krefs)
+        for k in krefs:
+            k.free()
+
+
+def test_kref_array_runs_every_release_even_when_one_raises(arena):
+    krefs = [arena.kref() for _ in range(3)]
+    seen = []
+
+    def release(k):
+        seen.append(k)
+        if k is krefs[0]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        KrefArray(krefs).put(release)
+    assert seen == krefs
+
+
+def test_kref_array_of_two_arenas_is_refused(arena, make_arena):
+    with pytest.raises(InvalidArgumentError, match="one arena"):
+        KrefArray([arena.kref(), make_arena(capacity=2).kref()])
+
+
+def test_warns_racing_into_a_one_record_ring_are_kept_whole_or_dropped(make_arena):
+    """Threads WARN into a ring of one record: every WARN is either logged whole (its own
+    text and object) or counted as dropped, and Arena.warn() always returns its own."""
+    import threading
+
+    arena = make_arena(capacity=4, warn_capacity=1)
+    r = arena.refcount(0, label="racer")
+    errors = []
+
+    def warner(tag):
+        try:
+            for i in range(2000):
+                rec = arena.warn(f"{tag}-{i}")
+                assert rec.text == f"{tag}-{i}" and rec.kind == "WARN"
+        except BaseException as e:
+            errors.append(e)
+
+    def saturator():
+        for _ in range(2000):
+            r.inc()  # ADD_OVF from saturated: a refcount WARN each time
+
+    threads = [threading.Thread(target=warner, args=(t,)) for t in "ab"]
+    threads.append(threading.Thread(target=saturator))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    for rec in arena.dmesg():
+        if rec.kind == "WARN":
+            assert rec.text.split("-")[0] in "ab" and rec.object_kind == ""
+        else:
+            assert rec.text == TEXT[rec.kind] and rec.label == "racer"
