@@ -3,7 +3,7 @@
 Timeouts are in jiffies of the arena's emulated clock and follow the
 kernel's return conventions.  Every wait - even the uninterruptible one -
 sleeps in slices of WAIT_SLICE_NS and comes back to Python between them, so
-Ctrl-C or a pytest-timeout always gets through.  If such an exception lands
+Ctrl-C or a pytest-timeout gets through within one slice.  If such an exception lands
 just after the C core took a count, the count is handed back (complete()),
 so an interrupted wait never loses or double-consumes one.  (That needs
 CPython 3.11 or later, which runs signal handlers only at calls and loop
