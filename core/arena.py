@@ -47,7 +47,8 @@ _CLASSES: dict[int, type[Handle]] = {
 _open_arenas: weakref.WeakValueDictionary[str, Arena] = weakref.WeakValueDictionary()
 
 _FORMAT_PROBLEMS = {
-    C.E_FOREIGN: "is not a vfio-emu arena (no vfio-emu magic in its header)",
+    C.E_FOREIGN: "is not a vfio-emu arena (no vfio-emu magic in its header; "
+                 "or its creator has not finished creating it)",
     C.E_VERSION: "has another layout version than this vfio-emu",
     C.E_TRUNCATED: "is truncated: smaller than its header says",
     C.E_CORRUPT: "is corrupt: its header fields contradict each other or the segment size",
