@@ -1,0 +1,516 @@
+"""struct vfio_device and the v6.1 life-cycle API, named as in include/linux/vfio.h.
+
+A driver's private struct subclasses VfioDevice (the kernel embeds it first).
+Its memory is tracked: once freed (kvfree, vfio_free_device, or the v6.2
+core), every read or write through a stale reference is a KASAN-style
+use-after-free report with the allocation and free stacks, raised as
+UseAfterFreeError.  The two counters live in the arena: the object count
+(a kref, the driver's reference) and the registration count (a refcount_t
+plus a completion that unregister waits on).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from vfio_emu._binding import refcount_set as _refcount_set
+from vfio_emu.completion import ERESTARTSYS
+from vfio_emu.devset import DeviceSet, vfio_assign_device_set, vfio_release_device_set
+from vfio_emu.dmesg import caller_stack
+from vfio_emu.errors import EmulatorError, InvalidArgumentError, UseAfterFreeError
+from vfio_emu.kernel import EBUSY, EINVAL, ENODEV, ENOSPC, MINORMASK, Device, HangError, Kernel
+from vfio_emu.refcount import Kref, Refcount
+
+
+class State(enum.Enum):
+    """Where a vfio_device is in its life cycle."""
+
+    ALLOCATED = "allocated"
+    INITIALIZED = "initialized"
+    REGISTERED = "registered"
+    UNREGISTERING = "unregistering"
+    UNREGISTERED = "unregistered"
+    RELEASED = "released"
+    FREED = "freed"
+
+
+@dataclass
+class Memory:
+    """One kzalloc'd object: what it is, and the stacks that allocated and freed it."""
+
+    kernel: Kernel
+    what: str
+    alloc_stack: str
+    alloc_pid: int = field(default_factory=os.getpid)
+    free_stack: str = ""
+    free_pid: int = 0
+    freed: bool = False
+
+
+@dataclass
+class Core:
+    """The core-private fields of struct vfio_device, kept beside the driver's own."""
+
+    kernel: Kernel
+    kref: Kref
+    refcount: Refcount
+    comp: Any  # Completion
+    state: State = State.ALLOCATED
+    index: int = -1
+    dev: Device | None = None
+    ops: Any = None
+    dev_set: DeviceSet | None = None
+    open_count: int = 0
+    initialized: bool = False  # device_initialize() ran: the kobject exists
+    in_sysfs: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"vfio{self.index}" if self.index >= 0 else f"vfio?@{id(self):#x}"
+
+
+def _mem(obj: object) -> Memory | None:
+    return object.__getattribute__(obj, "__dict__").get("_vfio_mem")  # type: ignore[no-any-return]
+
+
+class VfioDevice:
+    """struct vfio_device: subclass it for the driver's struct (it comes first, as in C).
+
+    Fields the core owns are read-only properties here (dev, ops, dev_set,
+    index, open_count, state); the driver adds its own attributes freely.
+    """
+
+    def __getattribute__(self, name: str) -> Any:
+        mem = _mem(self)
+        if mem is not None and mem.freed and not name.startswith("__"):
+            use_after_free(self, f"read of {type(self).__name__}.{name}")
+        return object.__getattribute__(self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        mem = _mem(self)
+        if mem is not None and mem.freed:
+            use_after_free(self, f"write of {type(self).__name__}.{name}")
+        object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        core = object.__getattribute__(self, "__dict__").get("_vfio")
+        name = core.name if core is not None else "?"
+        mem = _mem(self)
+        state = "freed" if mem is not None and mem.freed else (
+            core.state.value if core is not None else "not allocated by kzalloc")
+        return f"<{type(self).__name__} {name} {state}>"
+
+    @property
+    def dev(self) -> Device | None:
+        return core_of(self, "vdev->dev").dev
+
+    @property
+    def ops(self) -> Any:
+        return core_of(self, "vdev->ops").ops
+
+    @property
+    def dev_set(self) -> DeviceSet | None:
+        return core_of(self, "vdev->dev_set").dev_set
+
+    @property
+    def index(self) -> int:
+        return core_of(self, "vdev->index").index
+
+    @property
+    def open_count(self) -> int:
+        return core_of(self, "vdev->open_count").open_count
+
+    @property
+    def state(self) -> State:
+        return core_of(self, "vdev state").state
+
+
+def core_of(vdev: object, access: str) -> Core:
+    """The core fields of a live device; a freed one is a use-after-free right here."""
+    if not isinstance(vdev, VfioDevice):
+        raise InvalidArgumentError(f"{access}: {vdev!r} is not a vfio_device")
+    mem = _mem(vdev)
+    if mem is None:
+        raise InvalidArgumentError(
+            f"{access}: {vdev!r} was not allocated by vfio_alloc_device() or kzalloc()")
+    if mem.freed:
+        use_after_free(vdev, access)
+    return object.__getattribute__(vdev, "__dict__")["_vfio"]  # type: ignore[no-any-return]
+
+
+def use_after_free(obj: object, access: str) -> None:
+    """KASAN's report for an access to freed memory, then UseAfterFreeError."""
+    mem = _mem(obj)
+    assert mem is not None and mem.freed
+    rep = mem.kernel.report(
+        "use-after-free", f"BUG: KASAN: use-after-free in {access}",
+        f"{access} of {mem.what}, freed",
+        (("Call Trace", caller_stack()), (f"Allocated by task {mem.alloc_pid}", mem.alloc_stack),
+         (f"Freed by task {mem.free_pid}", mem.free_stack)))
+    raise UseAfterFreeError(str(rep))
+
+
+# -- memory ----------------------------------------------------------------------
+
+def kzalloc(kernel: Kernel, cls: type[VfioDevice]) -> VfioDevice:
+    """kzalloc(sizeof(*priv)): a zeroed driver struct embedding a vfio_device (ccw's path)."""
+    if not (isinstance(cls, type) and issubclass(cls, VfioDevice)):
+        raise InvalidArgumentError(f"kzalloc: {cls!r} does not embed struct vfio_device")
+    obj = object.__new__(cls)
+    name = f"{cls.__name__}@{id(obj):#x}"
+    a = kernel.arena
+    kref = a.kref(label=f"{name}.kref")
+    _refcount_set(kref._h, 0)  # zeroed memory: 0 until device_initialize() makes it 1
+    d = object.__getattribute__(obj, "__dict__")
+    d["_vfio_mem"] = mem = Memory(kernel, f"{cls.__name__} ({name})", caller_stack())
+    d["_vfio"] = Core(kernel, kref, a.refcount(0, label=f"{name}.reg"),
+                      a.completion(label=f"{name}.comp"))
+    kernel.allocations[id(obj)] = mem
+    return obj
+
+
+def kvfree(obj: VfioDevice) -> None:
+    """kvfree(): poison the struct; a second free is KASAN's double-free."""
+    mem = _mem(obj)
+    if mem is None:
+        raise InvalidArgumentError(f"kvfree: {obj!r} was not allocated by kzalloc()")
+    if mem.freed:
+        rep = mem.kernel.report(
+            "double-free", f"BUG: KASAN: double-free in kvfree of {mem.what}",
+            stacks=(("Call Trace", caller_stack()),
+                    (f"Allocated by task {mem.alloc_pid}", mem.alloc_stack),
+                    (f"Freed by task {mem.free_pid}", mem.free_stack)))
+        raise UseAfterFreeError(str(rep))
+    core: Core = object.__getattribute__(obj, "__dict__")["_vfio"]
+    mem.freed = True
+    mem.free_stack = caller_stack()
+    mem.free_pid = os.getpid()
+    core.state = State.FREED
+    mem.kernel.allocations.pop(id(obj), None)
+    for handle in (core.kref, core.refcount, core.comp):
+        handle.free()  # the counters were in this memory
+    mem.kernel.trace.record(mem.kernel.jiffies(), core.name, "kvfree")
+
+
+def _counts(core: Core) -> tuple[int, int]:
+    return core.kref.read(), core.refcount.read()
+
+
+def _trace(core: Core, op: str, kref: tuple[int, int] | None = None,
+           reg: tuple[int, int] | None = None, detail: str = "") -> None:
+    core.kernel.trace.record(core.kernel.jiffies(), core.name, op, kref=kref, refcount=reg,
+                             open_count=core.open_count, detail=detail)
+
+
+# -- alloc / init / put / release ----------------------------------------------------
+
+def vfio_alloc_device(cls: type[VfioDevice], dev: Device, ops: Any) -> VfioDevice | int:
+    """Allocate the driver's struct and vfio_init_device() it; the struct, or -errno.
+
+    The reference returned belongs to the caller: drop it with vfio_put_device().
+    """
+    if not isinstance(dev, Device):
+        raise InvalidArgumentError(f"vfio_alloc_device: dev must be a Device, not {dev!r}")
+    kernel = dev.kernel
+    if not (isinstance(cls, type) and issubclass(cls, VfioDevice)):
+        kernel.warn(f"WARNING: vfio_alloc_device: {cls!r} does not embed struct vfio_device "
+                    "first (size < sizeof(struct vfio_device))")
+        return -EINVAL
+    vdev = kzalloc(kernel, cls)
+    ret = vfio_init_device(vdev, dev, ops)
+    if ret:
+        kvfree(vdev)
+        return ret
+    return vdev
+
+
+def vfio_init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
+    """Index, completion, ops->init, then device_initialize (kref = 1); 0 or -errno.
+
+    If ops->init fails, release is not called: init must undo its own work.
+    """
+    core = core_of(vdev, "vfio_init_device")
+    if not isinstance(dev, Device) or dev.kernel is not core.kernel:
+        raise InvalidArgumentError(f"vfio_init_device: {dev!r} is not a device of this kernel")
+    if ops is None:
+        raise InvalidArgumentError("vfio_init_device: ops is NULL")
+    kernel = core.kernel
+    free = sorted(set(range(len(kernel.ida) + 1)) - kernel.ida)[0]
+    if free > MINORMASK:
+        return -ENOSPC
+    kernel.ida.add(free)
+    core.index = free
+    core.comp.init()
+    core.dev, core.ops = dev, ops
+    init = getattr(ops, "init", None)
+    if init is not None:
+        ret = init(vdev)
+        if ret:
+            vfio_release_device_set(vdev)
+            kernel.ida.discard(free)
+            _trace(core, "vfio_init_device: init failed", detail=f"ret {ret}")
+            core.index = -1
+            return int(ret)
+    core.kref.init()  # device_initialize()
+    core.initialized = True
+    core.state = State.INITIALIZED
+    _trace(core, "vfio_init_device", kref=(0, 1))
+    return 0
+
+
+def vfio_put_device(vdev: VfioDevice) -> None:
+    """put_device(): drop a reference; the last one releases (later, with delayed_release)."""
+    core = core_of(vdev, "vfio_put_device")
+    kernel = core.kernel
+    if not core.initialized:
+        kernel.warn(f"kobject: '(null)' ({id(vdev):#x}): is not initialized, yet kobject_put() "
+                    "is being called.")
+    before = core.kref.read()
+    released = core.kref.put()
+    _trace(core, "vfio_put_device", kref=(before, core.kref.read()))
+    if not released:
+        return
+    if core.state is State.REGISTERED:
+        kernel.warn(f"vfio {core.name}: released while still registered: still on the group "
+                    "device list and in sysfs, reachable by every open FD")
+    if kernel.delayed_release:
+        delay = kernel.HZ + kernel.HZ * kernel.rng.randint(0, 3)  # as kobject_release()
+        _trace(core, "kobject_release: delayed", detail=f"{delay} jiffies")
+        kernel.schedule_delayed(delay, lambda: vfio_device_release(vdev), f"{core.name} release")
+    else:
+        vfio_device_release(vdev)
+
+
+def vfio_device_release(vdev: VfioDevice) -> None:
+    """The device's release: leave the set, free the index, ops->release (v6.2: then free)."""
+    core = core_of(vdev, "vfio_device_release")
+    kernel = core.kernel
+    vfio_release_device_set(vdev)
+    kernel.ida.discard(core.index)
+    core.state = State.RELEASED
+    _trace(core, "vfio_device_release")
+    release = getattr(core.ops, "release", None)
+    if kernel.semantics == "v6.1":
+        if release is None:
+            raise kernel.oops("BUG: kernel NULL pointer dereference, address: 0000000000000000",
+                              f"RIP: vfio_device_release+0x.. ({core.name}: ops->release is "
+                              "NULL; it is mandatory in v6.1)")
+        release(vdev)  # must end with vfio_free_device(), except ccw
+    else:
+        if release is not None:
+            release(vdev)
+        kvfree(vdev)
+
+
+def vfio_free_device(vdev: VfioDevice) -> None:
+    """v6.1: the driver's release frees the struct with this (= kvfree)."""
+    core = core_of(vdev, "vfio_free_device")
+    if core.kernel.semantics != "v6.1":
+        raise EmulatorError("vfio_free_device() does not exist in v6.2: the core frees the "
+                            "device after ops->release")
+    kvfree(vdev)
+
+
+# -- registration ---------------------------------------------------------------------
+
+def vfio_device_try_get_registration(vdev: VfioDevice) -> bool:
+    """refcount_inc_not_zero on the registration count: 0 means not registered (any more)."""
+    core = core_of(vdev, "vfio_device_try_get_registration")
+    before = core.refcount.read()
+    ok = core.refcount.inc_not_zero()
+    _trace(core, "try_get_registration", reg=(before, core.refcount.read()),
+           detail="ok" if ok else "failed")
+    return ok
+
+
+def vfio_device_put_registration(vdev: VfioDevice) -> None:
+    """refcount_dec_and_test on the registration count; 1 -> 0 completes the unregister wait."""
+    core = core_of(vdev, "vfio_device_put_registration")
+    before = core.refcount.read()
+    if core.refcount.dec_and_test():
+        core.comp.complete()
+    _trace(core, "put_registration", reg=(before, core.refcount.read()))
+
+
+def _register(vdev: VfioDevice, how: str) -> int:
+    core = core_of(vdev, how)
+    kernel = core.kernel
+    if core.state is not State.INITIALIZED:
+        kernel.warn(f"WARNING: {how}: {core.name} is {core.state.value}, not initialized")
+        return -EINVAL
+    if core.dev_set is None:
+        vfio_assign_device_set(vdev, vdev)  # a singleton set; the return value is ignored
+    for other in kernel.devices:
+        if core_of(other, "group device list").dev is core.dev:
+            kernel.warn(f"WARNING: {core.dev.name if core.dev else '?'}: Device already exists "
+                        "on group")
+            return -EBUSY
+    core.in_sysfs = True  # dev_set_name("vfio%d") + device_add()
+    before = core.refcount.read()
+    core.refcount.set(1)  # refcounting can't start until the driver calls register
+    kernel.devices.append(vdev)
+    core.state = State.REGISTERED
+    _trace(core, how, reg=(before, 1))
+    return 0
+
+
+def vfio_register_group_dev(vdev: VfioDevice) -> int:
+    """Register a device with an IOMMU group: findable by name, registration count 1."""
+    return _register(vdev, "vfio_register_group_dev")
+
+
+def vfio_register_emulated_iommu_dev(vdev: VfioDevice) -> int:
+    """Register a device whose IOMMU is emulated (mdev drivers)."""
+    return _register(vdev, "vfio_register_emulated_iommu_dev")
+
+
+def _unlink(vdev: VfioDevice, core: Core) -> None:
+    if vdev in core.kernel.devices:
+        core.kernel.devices.remove(vdev)
+    core.in_sysfs = False  # device_del(); vfio_device_remove_group()
+    _trace(core, "unlink: group list, device_del")
+
+
+def vfio_unregister_group_dev(vdev: VfioDevice) -> None:
+    """Drop the registration reference and wait - asking userspace, every 10 s - until
+    every FD is closed; a signal only turns the waits uninterruptible.  No upper
+    bound, except the kernel's watchdog, which reports a hang (HangError)."""
+    core = core_of(vdev, "vfio_unregister_group_dev")
+    kernel = core.kernel
+    if core.state is not State.REGISTERED:
+        kernel.warn(f"WARNING: vfio_unregister_group_dev: {core.name} is {core.state.value}")
+        return
+    core.state = State.UNREGISTERING
+    if kernel.unregister_order == "unlink-first":
+        _unlink(vdev, core)
+    vfio_device_put_registration(vdev)
+    rc = 1 if core.comp.try_wait_for_completion() else 0
+    i, interrupted, waited = 0, False, 0
+    request = getattr(core.ops, "request", None)
+    while rc <= 0:
+        if request is not None:
+            _trace(core, "ops->request", detail=f"count {i}")
+            request(vdev, i)
+            i += 1
+        if not interrupted:
+            rc = core.comp.wait_for_completion_interruptible_timeout(kernel.HZ * 10)
+            if rc < 0:
+                interrupted = True
+                kernel.report("info", f"vfio {core.name}: Device is currently in use, task "
+                              f"\"python\" ({os.getpid()}) blocked until device is released")
+        else:
+            rc = core.comp.wait_for_completion_timeout(kernel.HZ * 10)
+        if rc <= 0:
+            waited += 10
+            if waited >= kernel.watchdog_s:
+                raise HangError(_hang_report(vdev, core, waited))
+    if kernel.unregister_order == "v6.1":
+        _unlink(vdev, core)
+    core.state = State.UNREGISTERED
+    _trace(core, "vfio_unregister_group_dev", detail="done")
+
+
+def _hang_report(vdev: VfioDevice, core: Core, waited: int) -> Any:
+    kernel = core.kernel
+    files = [f for f in kernel.files if f.vdev is vdev]
+    count = core.refcount.read()
+    holders = [f"  {f} opened by pid {f.pid}" for f in files]
+    extra = count - len(files)
+    if extra > 0:
+        holders.append(f"  {extra} registration reference(s) held without an open FD "
+                       "(vfio_device_try_get_registration() callers)")
+    return kernel.report(
+        "hang", f"INFO: task python:{os.getpid()} blocked for more than {waited} seconds.",
+        f"vfio_unregister_group_dev({core.name}) waits for the registration count to reach 0; "
+        f"it is {count}. Holders:\n" + ("\n".join(holders) or "  none found"),
+        (*((f"{f} opened by", f.open_stack) for f in files), ("waiting in", caller_stack())))
+
+
+# -- the device FD, as userspace sees it ------------------------------------------------
+
+class DeviceFile:
+    """An open device FD: holds one registration reference until close()."""
+
+    def __init__(self, vdev: VfioDevice, kernel: Kernel) -> None:
+        self.vdev = vdev
+        self.kernel = kernel
+        self.pid = os.getpid()
+        self.open_stack = caller_stack()
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        core = object.__getattribute__(self.vdev, "__dict__")["_vfio"]
+        return f"<vfio-device fd of {core.name}{' (closed)' if self.closed else ''}>"
+
+    def close(self) -> None:
+        """The last fput: close_device on the last close, then put_registration."""
+        with self._lock:
+            if self.closed:
+                raise InvalidArgumentError(f"{self!r} is already closed")
+            self.closed = True
+        self.kernel.files.discard(self)
+        core = core_of(self.vdev, "vfio_device_fops_release")
+        dev_set = core.dev_set
+        assert dev_set is not None
+        with dev_set:
+            if core.open_count == 0:
+                self.kernel.warn("WARNING: vfio_device_fops_release: WARN_ON_ONCE("
+                                 "device->open_count == 0)")
+            elif core.open_count == 1:
+                close_device = getattr(core.ops, "close_device", None)
+                if close_device is not None:
+                    close_device(self.vdev)
+            core.open_count = max(0, core.open_count - 1)
+        _trace(core, "fd close")
+        vfio_device_put_registration(self.vdev)
+
+
+def vfio_group_get_device_fd(kernel: Kernel, name: str) -> DeviceFile | int:
+    """VFIO_GROUP_GET_DEVICE_FD: find a registered device by name and open it; FD or -errno."""
+    found = None
+    for vdev in list(kernel.devices):
+        core = core_of(vdev, "vfio_group_get_device_fd")  # a freed device here is a UAF
+        match = getattr(core.ops, "match", None)
+        if match is not None:
+            ret = match(vdev, name)
+            if ret < 0:
+                return int(ret)
+            hit = ret > 0
+        else:
+            hit = core.dev is not None and core.dev.name == name
+        if hit and vfio_device_try_get_registration(vdev):
+            found = vdev
+            break
+    if found is None:
+        return -ENODEV
+    core = core_of(found, "vfio_device_open")
+    dev_set = core.dev_set
+    assert dev_set is not None
+    with dev_set:
+        core.open_count += 1
+        if core.open_count == 1:
+            open_device = getattr(core.ops, "open_device", None)
+            ret = open_device(found) if open_device is not None else 0
+            if ret:
+                core.open_count -= 1
+                _trace(core, "open_device failed", detail=f"ret {ret}")
+                vfio_device_put_registration(found)
+                return int(ret)
+    f = DeviceFile(found, kernel)
+    kernel.files.add(f)
+    _trace(core, "fd open")
+    return f
+
+
+__all__ = [
+    "ERESTARTSYS", "Core", "DeviceFile", "State", "VfioDevice", "core_of", "kvfree",
+    "kzalloc", "vfio_alloc_device", "vfio_device_put_registration", "vfio_device_release",
+    "vfio_device_try_get_registration", "vfio_free_device", "vfio_group_get_device_fd",
+    "vfio_init_device", "vfio_put_device", "vfio_register_emulated_iommu_dev",
+    "vfio_register_group_dev", "vfio_unregister_group_dev",
+]

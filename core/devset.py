@@ -1,0 +1,99 @@
+"""Device sets: devices sharing a reset domain and one lock, freed with the last member object.
+
+A set lives exactly as long as its member objects - not their registrations:
+an unregistered device that is not yet released keeps the set alive.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from vfio_emu.dmesg import caller_stack
+from vfio_emu.kernel import EINVAL
+
+if TYPE_CHECKING:
+    from vfio_emu.device import VfioDevice
+    from vfio_emu.kernel import Kernel
+
+
+class DeviceSet:
+    """struct vfio_device_set: set_id, the set mutex, the member list, device_count."""
+
+    def __init__(self, kernel: Kernel, set_id: Any) -> None:
+        self.kernel = kernel
+        self.set_id = set_id  # kept alive: the xarray is keyed by its identity
+        self.lock = threading.Lock()
+        self.lock_owner: int | None = None
+        self.device_list: list[VfioDevice] = []
+        self.device_count = 0
+        self.alloc_stack = caller_stack()
+
+    def describe(self) -> str:
+        return f"(set_id {type(self.set_id).__name__}@{id(self.set_id):#x})"
+
+    def __enter__(self) -> DeviceSet:
+        """mutex_lock(&dev_set->lock)."""
+        self.lock.acquire()
+        self.lock_owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock_owner = None
+        self.lock.release()
+
+    def held(self) -> bool:
+        return self.lock_owner == threading.get_ident()
+
+
+def vfio_assign_device_set(vdev: VfioDevice, set_id: Any) -> int:
+    """Put vdev in the set keyed by set_id (created on first use); 0 or -EINVAL."""
+    from vfio_emu.device import core_of
+
+    core = core_of(vdev, "vfio_assign_device_set")
+    kernel = core.kernel
+    if set_id is None:
+        kernel.warn("WARNING: vfio_assign_device_set: set_id is NULL")
+        return -EINVAL
+    dev_set = kernel.dev_sets.get(id(set_id))
+    if dev_set is None:
+        dev_set = kernel.dev_sets[id(set_id)] = DeviceSet(kernel, set_id)
+    dev_set.device_count += 1
+    with dev_set:
+        if vdev in dev_set.device_list:
+            # What CONFIG_DEBUG_LIST says; without it the list silently corrupts.
+            kernel.warn("list_add double add: new=vfio_device->dev_set_list, "
+                        f"prev=..., next=... ({core.name} assigned to {dev_set.describe()} twice)")
+        else:
+            dev_set.device_list.append(vdev)
+        core.dev_set = dev_set
+    kernel.trace.record(kernel.jiffies(), core.name, "vfio_assign_device_set",
+                        detail=f"{dev_set.describe()} count {dev_set.device_count}")
+    return 0
+
+
+def vfio_release_device_set(vdev: VfioDevice) -> None:
+    """Leave the set; the last member frees it (from release, or a failed init)."""
+    from vfio_emu.device import core_of
+
+    core = core_of(vdev, "vfio_release_device_set")
+    dev_set = core.dev_set
+    if dev_set is None:
+        return
+    with dev_set:
+        if vdev in dev_set.device_list:
+            dev_set.device_list.remove(vdev)
+    dev_set.device_count -= 1
+    if dev_set.device_count == 0:
+        core.kernel.dev_sets.pop(id(dev_set.set_id), None)
+
+
+def vfio_device_set_open_count(dev_set: DeviceSet) -> int:
+    """Sum of the members' open_count; the caller must hold the set lock (lockdep checks)."""
+    from vfio_emu.device import core_of
+
+    if not dev_set.held():
+        dev_set.kernel.warn("WARNING: lockdep_assert_held(&dev_set->lock) failed in "
+                            "vfio_device_set_open_count")
+    return sum(core_of(d, "vfio_device_set_open_count").open_count
+               for d in dev_set.device_list)

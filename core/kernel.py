@@ -1,0 +1,210 @@
+"""The emulated kernel: all the state one life-cycle run shares, and nothing global.
+
+A Kernel owns (or is given) an arena for the counters, and keeps what the
+real kernel keeps in globals: the vfio device ida, the device-set xarray, the
+group device list, a workqueue for DEBUG_KOBJECT_RELEASE, the trace and the
+reports.  Two kernels never see each other's devices.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from vfio_emu.arena import Arena
+from vfio_emu.dmesg import caller_stack
+from vfio_emu.errors import EmulatorError, InvalidArgumentError
+from vfio_emu.report import Report
+from vfio_emu.trace import Trace
+
+if TYPE_CHECKING:
+    from vfio_emu.device import DeviceFile, VfioDevice
+    from vfio_emu.devset import DeviceSet
+
+# The errnos the life cycle returns, negated as the kernel returns them.
+EPERM = 1
+ENOMEM = 12
+EBUSY = 16
+ENODEV = 19
+EINVAL = 22
+ENOSPC = 28
+
+#: ida_alloc_max(&vfio.device_ida, MINORMASK): the largest vfio device index.
+MINORMASK = (1 << 20) - 1
+SEMANTICS = ("v6.1", "v6.2")
+#: "v6.1": the device stays on the group list while unregister waits (re-open race);
+#: "unlink-first": the later order, unlinked and device_del'd before the wait.
+UNREGISTER_ORDERS = ("v6.1", "unlink-first")
+
+
+class KernelOops(EmulatorError):
+    """The emulated kernel crashed (e.g. a NULL pointer dereference); see its report."""
+
+    def __init__(self, report: Report) -> None:
+        super().__init__(str(report))
+        self.report = report
+
+
+class HangError(EmulatorError):
+    """The watchdog ended a wait that would never finish; see its report."""
+
+    def __init__(self, report: Report) -> None:
+        super().__init__(str(report))
+        self.report = report
+
+
+class Device:
+    """A parent struct device (e.g. &pdev->dev): a name, driver data, and its kernel."""
+
+    def __init__(self, kernel: Kernel, name: str) -> None:
+        self.kernel = kernel
+        self.name = name
+        self.drvdata: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Device {self.name}>"
+
+
+class Kernel:
+    """One emulated kernel: semantics, clock, counters' arena, trace and reports."""
+
+    def __init__(self, *, semantics: str = "v6.1", unregister_order: str = "v6.1",
+                 delayed_release: bool = False, watchdog_s: int = 120, hz: int = 250,
+                 time_scale: float = 1000.0, capacity: int = 4096,
+                 arena: Arena | None = None, seed: int | None = None) -> None:
+        """semantics: "v6.1" or "v6.2".  delayed_release: DEBUG_KOBJECT_RELEASE.
+        watchdog_s: emulated seconds any life-cycle wait may last before it is
+        reported as a hang.  time_scale: how much faster than real time the
+        emulated clock runs (10 s of unregister cadence take 10 ms at 1000).
+        """
+        if semantics not in SEMANTICS:
+            raise InvalidArgumentError(f"semantics={semantics!r}: choose one of {SEMANTICS}")
+        if unregister_order not in UNREGISTER_ORDERS:
+            raise InvalidArgumentError(
+                f"unregister_order={unregister_order!r}: choose one of {UNREGISTER_ORDERS}")
+        if type(watchdog_s) is not int or watchdog_s < 1:
+            raise InvalidArgumentError(f"watchdog_s={watchdog_s!r} must be a positive int")
+        self.semantics = semantics
+        self.unregister_order = unregister_order
+        self.delayed_release = delayed_release
+        self.watchdog_s = watchdog_s
+        self._own_arena = arena is None
+        self.arena = arena if arena is not None else Arena.create(
+            capacity=capacity, hz=hz, time_scale=time_scale)
+        self.clock = self.arena.clock
+        self.trace = Trace()
+        self.reports: list[Report] = []
+        self.rng = random.Random(seed)
+        self.ida: set[int] = set()
+        self.dev_sets: dict[int, DeviceSet] = {}
+        self.devices: list[VfioDevice] = []  # the group device list: findable by name
+        self.allocations: dict[int, Any] = {}  # live kzalloc'd memory, by id
+        self.files: set[DeviceFile] = set()
+        self._workers: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    # -- life cycle of the emulation itself ---------------------------------
+
+    def close(self) -> None:
+        """Wait for delayed releases, then close the arena if this kernel created it."""
+        self.flush()
+        if self._own_arena:
+            self.arena.close()
+
+    def __enter__(self) -> Kernel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def device(self, name: str) -> Device:
+        """A parent struct device for a driver to bind to (a PCI function, a subchannel)."""
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError(f"device name must be a non-empty str, not {name!r}")
+        return Device(self, name)
+
+    @property
+    def HZ(self) -> int:
+        return self.clock.hz
+
+    def jiffies(self) -> int:
+        return self.clock.jiffies()
+
+    # -- reports ------------------------------------------------------------
+
+    def report(self, kind: str, title: str, detail: str = "",
+               stacks: tuple[tuple[str, str], ...] = ()) -> Report:
+        """Record a finding; WARNs also go to the arena's WARN log."""
+        if not stacks:
+            stacks = (("Call Trace", caller_stack()),)
+        rep = Report(kind, title, detail, stacks)
+        with self._lock:
+            self.reports.append(rep)
+        if kind == "WARN":
+            self.arena.warn(title)
+        self.trace.record(self.jiffies(), "-", f"report: {kind}", detail=title)
+        return rep
+
+    def warn(self, title: str, detail: str = "") -> Report:
+        """WARN(): a kernel warning with its text, and the Python call trace."""
+        return self.report("WARN", title, detail)
+
+    def oops(self, title: str, detail: str = "") -> KernelOops:
+        """An oops: recorded, and returned as the exception that ends the caller."""
+        return KernelOops(self.report("oops", title, detail))
+
+    # -- DEBUG_KOBJECT_RELEASE's workqueue ------------------------------------
+
+    def schedule_delayed(self, jiffies: int, fn: Callable[[], None], what: str) -> None:
+        """Run fn on a worker after the given emulated delay; errors become reports."""
+        delay_s = self.clock.jiffies_to_ns(jiffies) / 1e9
+
+        def work() -> None:
+            threading.Event().wait(delay_s)
+            try:
+                fn()
+            except EmulatorError:
+                pass  # already reported (UAF, oops) by whoever raised it
+            except BaseException as e:  # a release that crashed: report, do not lose it
+                self.report("oops", f"BUG: {what} raised {type(e).__name__}: {e}")
+
+        t = threading.Thread(target=work, name=f"kworker:{what}", daemon=True)
+        with self._lock:
+            self._workers.append(t)
+        t.start()
+
+    def flush(self, timeout_s: float = 60.0) -> None:
+        """flush_scheduled_work(): wait for every delayed release queued so far."""
+        with self._lock:
+            workers, self._workers = self._workers, []
+        for t in workers:
+            t.join(timeout_s)
+
+    # -- the leak check ---------------------------------------------------------
+
+    def leak_check(self) -> list[Report]:
+        """Every device memory, index, set and open file still alive, as leak reports."""
+        self.flush()
+        found = []
+        for mem in list(self.allocations.values()):
+            found.append(self.report("leak", f"unreferenced object {mem.what}",
+                                     "memory allocated and never freed",
+                                     (("allocated by", mem.alloc_stack),)))
+        for index in sorted(self.ida):
+            found.append(self.report("leak", f"vfio device index {index} (vfio{index}) "
+                                     "was never returned to the ida", stacks=(("", ""),)))
+        for dev_set in list(self.dev_sets.values()):
+            found.append(self.report(
+                "leak", f"vfio_device_set {dev_set.describe()} still alive with "
+                f"device_count {dev_set.device_count}", stacks=(("allocated by",
+                                                               dev_set.alloc_stack),)))
+        for f in list(self.files):
+            found.append(self.report("leak", f"{f} was never closed",
+                                     stacks=(("opened by", f.open_stack),)))
+        return found
+
+    def __repr__(self) -> str:
+        return f"<Kernel {self.semantics} pid {os.getpid()} arena '{self.arena.name}'>"

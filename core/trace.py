@@ -1,0 +1,59 @@
+"""The trace: every life-cycle transition as an event, printable as a timeline.
+
+Events are recorded only on transitions (alloc, register, open, close,
+unregister steps, put, release ...), never on the kref get/put fast path.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Event:
+    """One transition: when (jiffies), who (pid), which device, what, and the counters."""
+
+    jiffies: int
+    pid: int
+    device: str
+    op: str
+    kref: tuple[int, int] | None = None  # object count before, after
+    refcount: tuple[int, int] | None = None  # registration count before, after
+    open_count: int | None = None
+    detail: str = ""
+
+    def __str__(self) -> str:
+        parts = [f"[{self.jiffies:>10}] pid {self.pid:<7} {self.device:<12} {self.op:<28}"]
+        if self.kref is not None:
+            parts.append(f"kref {self.kref[0]}->{self.kref[1]}")
+        if self.refcount is not None:
+            parts.append(f"reg {self.refcount[0]}->{self.refcount[1]}")
+        if self.open_count is not None:
+            parts.append(f"open {self.open_count}")
+        if self.detail:
+            parts.append(self.detail)
+        return "  ".join(parts).rstrip()
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Trace:
+    """The events of one emulated kernel, in order (thread-safe append)."""
+
+    events: list[Event] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, jiffies: int, device: str, op: str, **fields: Any) -> Event:
+        event = Event(jiffies, os.getpid(), device, op, **fields)
+        with self._lock:
+            self.events.append(event)
+        return event
+
+    def timeline(self) -> str:
+        """The events as a readable timeline, one per line."""
+        return "\n".join(str(e) for e in self.events)
