@@ -21,8 +21,9 @@ from vfio_emu._binding import refcount_set as _refcount_set
 from vfio_emu.completion import ERESTARTSYS
 from vfio_emu.devset import DeviceSet, vfio_assign_device_set, vfio_release_device_set
 from vfio_emu.dmesg import caller_stack
-from vfio_emu.errors import EmulatorError, InvalidArgumentError, UseAfterFreeError
+from vfio_emu.errors import EmulatorError, InvalidArgumentError
 from vfio_emu.kernel import EBUSY, EINVAL, ENODEV, ENOSPC, MINORMASK, Device, HangError, Kernel
+from vfio_emu.memory import Tracked, kfree, kvfree, kzalloc, mem_of, use_after_free
 from vfio_emu.refcount import Kref, Refcount
 
 
@@ -36,19 +37,6 @@ class State(enum.Enum):
     UNREGISTERED = "unregistered"
     RELEASED = "released"
     FREED = "freed"
-
-
-@dataclass
-class Memory:
-    """One kzalloc'd object: what it is, and the stacks that allocated and freed it."""
-
-    kernel: Kernel
-    what: str
-    alloc_stack: str
-    alloc_pid: int = field(default_factory=os.getpid)
-    free_stack: str = ""
-    free_pid: int = 0
-    freed: bool = False
 
 
 @dataclass
@@ -67,39 +55,40 @@ class Core:
     open_count: int = 0
     initialized: bool = False  # device_initialize() ran: the kobject exists
     in_sysfs: bool = False
+    holders: list[tuple[int, str]] = field(default_factory=list)  # get_device() callers
 
     @property
     def name(self) -> str:
         return f"vfio{self.index}" if self.index >= 0 else f"vfio?@{id(self):#x}"
 
 
-def _mem(obj: object) -> Memory | None:
-    return object.__getattribute__(obj, "__dict__").get("_vfio_mem")  # type: ignore[no-any-return]
-
-
-class VfioDevice:
+class VfioDevice(Tracked):
     """struct vfio_device: subclass it for the driver's struct (it comes first, as in C).
 
     Fields the core owns are read-only properties here (dev, ops, dev_set,
     index, open_count, state); the driver adds its own attributes freely.
+    Allocate it with vfio_alloc_device() (or kzalloc() for the ccw path).
     """
 
-    def __getattribute__(self, name: str) -> Any:
-        mem = _mem(self)
-        if mem is not None and mem.freed and not name.startswith("__"):
-            use_after_free(self, f"read of {type(self).__name__}.{name}")
-        return object.__getattribute__(self, name)
+    def _kzalloc(self, kernel: Kernel) -> None:
+        name = f"{type(self).__name__}@{id(self):#x}"
+        a = kernel.arena
+        kref = a.kref(label=f"{name}.kref")
+        _refcount_set(kref._h, 0)  # zeroed memory: 0 until device_initialize() makes it 1
+        object.__getattribute__(self, "__dict__")["_vfio"] = Core(
+            kernel, kref, a.refcount(0, label=f"{name}.reg"), a.completion(label=f"{name}.comp"))
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        mem = _mem(self)
-        if mem is not None and mem.freed:
-            use_after_free(self, f"write of {type(self).__name__}.{name}")
-        object.__setattr__(self, name, value)
+    def _kfree(self) -> None:
+        core: Core = object.__getattribute__(self, "__dict__")["_vfio"]
+        core.state = State.FREED
+        for handle in (core.kref, core.refcount, core.comp):
+            handle.free()  # the counters were in this memory
+        core.kernel.trace.record(core.kernel.jiffies(), core.name, "kfree")
 
     def __repr__(self) -> str:
         core = object.__getattribute__(self, "__dict__").get("_vfio")
         name = core.name if core is not None else "?"
-        mem = _mem(self)
+        mem = mem_of(self)
         state = "freed" if mem is not None and mem.freed else (
             core.state.value if core is not None else "not allocated by kzalloc")
         return f"<{type(self).__name__} {name} {state}>"
@@ -133,67 +122,13 @@ def core_of(vdev: object, access: str) -> Core:
     """The core fields of a live device; a freed one is a use-after-free right here."""
     if not isinstance(vdev, VfioDevice):
         raise InvalidArgumentError(f"{access}: {vdev!r} is not a vfio_device")
-    mem = _mem(vdev)
+    mem = mem_of(vdev)
     if mem is None:
         raise InvalidArgumentError(
             f"{access}: {vdev!r} was not allocated by vfio_alloc_device() or kzalloc()")
     if mem.freed:
         use_after_free(vdev, access)
     return object.__getattribute__(vdev, "__dict__")["_vfio"]  # type: ignore[no-any-return]
-
-
-def use_after_free(obj: object, access: str) -> None:
-    """KASAN's report for an access to freed memory, then UseAfterFreeError."""
-    mem = _mem(obj)
-    assert mem is not None and mem.freed
-    rep = mem.kernel.report(
-        "use-after-free", f"BUG: KASAN: use-after-free in {access}",
-        f"{access} of {mem.what}, freed",
-        (("Call Trace", caller_stack()), (f"Allocated by task {mem.alloc_pid}", mem.alloc_stack),
-         (f"Freed by task {mem.free_pid}", mem.free_stack)))
-    raise UseAfterFreeError(str(rep))
-
-
-# -- memory ----------------------------------------------------------------------
-
-def kzalloc(kernel: Kernel, cls: type[VfioDevice]) -> VfioDevice:
-    """kzalloc(sizeof(*priv)): a zeroed driver struct embedding a vfio_device (ccw's path)."""
-    if not (isinstance(cls, type) and issubclass(cls, VfioDevice)):
-        raise InvalidArgumentError(f"kzalloc: {cls!r} does not embed struct vfio_device")
-    obj = object.__new__(cls)
-    name = f"{cls.__name__}@{id(obj):#x}"
-    a = kernel.arena
-    kref = a.kref(label=f"{name}.kref")
-    _refcount_set(kref._h, 0)  # zeroed memory: 0 until device_initialize() makes it 1
-    d = object.__getattribute__(obj, "__dict__")
-    d["_vfio_mem"] = mem = Memory(kernel, f"{cls.__name__} ({name})", caller_stack())
-    d["_vfio"] = Core(kernel, kref, a.refcount(0, label=f"{name}.reg"),
-                      a.completion(label=f"{name}.comp"))
-    kernel.allocations[id(obj)] = mem
-    return obj
-
-
-def kvfree(obj: VfioDevice) -> None:
-    """kvfree(): poison the struct; a second free is KASAN's double-free."""
-    mem = _mem(obj)
-    if mem is None:
-        raise InvalidArgumentError(f"kvfree: {obj!r} was not allocated by kzalloc()")
-    if mem.freed:
-        rep = mem.kernel.report(
-            "double-free", f"BUG: KASAN: double-free in kvfree of {mem.what}",
-            stacks=(("Call Trace", caller_stack()),
-                    (f"Allocated by task {mem.alloc_pid}", mem.alloc_stack),
-                    (f"Freed by task {mem.free_pid}", mem.free_stack)))
-        raise UseAfterFreeError(str(rep))
-    core: Core = object.__getattribute__(obj, "__dict__")["_vfio"]
-    mem.freed = True
-    mem.free_stack = caller_stack()
-    mem.free_pid = os.getpid()
-    core.state = State.FREED
-    mem.kernel.allocations.pop(id(obj), None)
-    for handle in (core.kref, core.refcount, core.comp):
-        handle.free()  # the counters were in this memory
-    mem.kernel.trace.record(mem.kernel.jiffies(), core.name, "kvfree")
 
 
 def _counts(core: Core) -> tuple[int, int]:
@@ -221,6 +156,8 @@ def vfio_alloc_device(cls: type[VfioDevice], dev: Device, ops: Any) -> VfioDevic
                     "first (size < sizeof(struct vfio_device))")
         return -EINVAL
     vdev = kzalloc(kernel, cls)
+    if isinstance(vdev, int):
+        return vdev  # -ENOMEM
     ret = vfio_init_device(vdev, dev, ops)
     if ret:
         kvfree(vdev)
@@ -262,10 +199,27 @@ def vfio_init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
     return 0
 
 
+def get_device(vdev: VfioDevice) -> VfioDevice:
+    """get_device(&vdev->device): one more object reference; the caller is remembered."""
+    core = core_of(vdev, "get_device")
+    before = core.kref.read()
+    core.kref.get()
+    core.holders.append((os.getpid(), caller_stack()))
+    _trace(core, "get_device", kref=(before, core.kref.read()))
+    return vdev
+
+
+def put_device(vdev: VfioDevice) -> None:
+    """put_device(&vdev->device): the same as vfio_put_device()."""
+    vfio_put_device(vdev)
+
+
 def vfio_put_device(vdev: VfioDevice) -> None:
     """put_device(): drop a reference; the last one releases (later, with delayed_release)."""
     core = core_of(vdev, "vfio_put_device")
     kernel = core.kernel
+    if core.holders:
+        core.holders.pop()  # a get_device() caller's reference, most likely
     if not core.initialized:
         kernel.warn(f"kobject: '(null)' ({id(vdev):#x}): is not initialized, yet kobject_put() "
                     "is being called.")
@@ -289,6 +243,7 @@ def vfio_device_release(vdev: VfioDevice) -> None:
     """The device's release: leave the set, free the index, ops->release (v6.2: then free)."""
     core = core_of(vdev, "vfio_device_release")
     kernel = core.kernel
+    _device_del(core)  # kobject_cleanup() of a device still in sysfs deletes it itself
     vfio_release_device_set(vdev)
     kernel.ida.discard(core.index)
     core.state = State.RELEASED
@@ -349,7 +304,9 @@ def _register(vdev: VfioDevice, how: str) -> int:
             kernel.warn(f"WARNING: {core.dev.name if core.dev else '?'}: Device already exists "
                         "on group")
             return -EBUSY
-    core.in_sysfs = True  # dev_set_name("vfio%d") + device_add()
+    core.in_sysfs = True  # dev_set_name("vfio%d") + device_add(): pins the parent
+    if core.dev is not None:
+        core.dev.get_ref()
     before = core.refcount.read()
     core.refcount.set(1)  # refcounting can't start until the driver calls register
     kernel.devices.append(vdev)
@@ -371,8 +328,16 @@ def vfio_register_emulated_iommu_dev(vdev: VfioDevice) -> int:
 def _unlink(vdev: VfioDevice, core: Core) -> None:
     if vdev in core.kernel.devices:
         core.kernel.devices.remove(vdev)
-    core.in_sysfs = False  # device_del(); vfio_device_remove_group()
+    _device_del(core)
     _trace(core, "unlink: group list, device_del")
+
+
+def _device_del(core: Core) -> None:
+    """device_del(): out of sysfs, and the parent reference device_add() took is dropped."""
+    if core.in_sysfs:
+        core.in_sysfs = False
+        if core.dev is not None:
+            core.dev.put_ref()
 
 
 def vfio_unregister_group_dev(vdev: VfioDevice) -> None:
@@ -508,9 +473,27 @@ def vfio_group_get_device_fd(kernel: Kernel, name: str) -> DeviceFile | int:
 
 
 __all__ = [
-    "ERESTARTSYS", "Core", "DeviceFile", "State", "VfioDevice", "core_of", "kvfree",
-    "kzalloc", "vfio_alloc_device", "vfio_device_put_registration", "vfio_device_release",
-    "vfio_device_try_get_registration", "vfio_free_device", "vfio_group_get_device_fd",
-    "vfio_init_device", "vfio_put_device", "vfio_register_emulated_iommu_dev",
-    "vfio_register_group_dev", "vfio_unregister_group_dev",
+    "ERESTARTSYS",
+    "Core",
+    "DeviceFile",
+    "State",
+    "VfioDevice",
+    "core_of",
+    "get_device",
+    "kfree",
+    "kvfree",
+    "kzalloc",
+    "put_device",
+    "use_after_free",
+    "vfio_alloc_device",
+    "vfio_device_put_registration",
+    "vfio_device_release",
+    "vfio_device_try_get_registration",
+    "vfio_free_device",
+    "vfio_group_get_device_fd",
+    "vfio_init_device",
+    "vfio_put_device",
+    "vfio_register_emulated_iommu_dev",
+    "vfio_register_group_dev",
+    "vfio_unregister_group_dev",
 ]

@@ -29,8 +29,11 @@ EPERM = 1
 ENOMEM = 12
 EBUSY = 16
 ENODEV = 19
+EEXIST = 17
 EINVAL = 22
 ENOSPC = 28
+EAGAIN = 11
+EUSERS = 87
 
 #: ida_alloc_max(&vfio.device_ida, MINORMASK): the largest vfio device index.
 MINORMASK = (1 << 20) - 1
@@ -57,7 +60,11 @@ class HangError(EmulatorError):
 
 
 class Device:
-    """A parent struct device (e.g. &pdev->dev): a name, driver data, and its kernel."""
+    """A parent struct device (e.g. &pdev->dev): a name, driver data, and its kernel.
+
+    A bus device (a PCI function, a subchannel) outlives everything here, so
+    its references are not counted; an mdev device is (see vfio_emu.mdev).
+    """
 
     def __init__(self, kernel: Kernel, name: str) -> None:
         self.kernel = kernel
@@ -66,6 +73,12 @@ class Device:
 
     def __repr__(self) -> str:
         return f"<Device {self.name}>"
+
+    def get_ref(self) -> None:
+        """get_device() by a child's device_add(): nothing to count for a bus device."""
+
+    def put_ref(self) -> None:
+        """put_device() by a child's device_del()."""
 
 
 class Kernel:
@@ -101,10 +114,28 @@ class Kernel:
         self.ida: set[int] = set()
         self.dev_sets: dict[int, DeviceSet] = {}
         self.devices: list[VfioDevice] = []  # the group device list: findable by name
+        self.mdevs: list[Any] = []  # mdev_list: every mdev device of every parent
         self.allocations: dict[int, Any] = {}  # live kzalloc'd memory, by id
         self.files: set[DeviceFile] = set()
         self._workers: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._fail_allocs = 0
+
+    # -- fault injection ----------------------------------------------------------
+
+    def fail_next_allocs(self, n: int = 1) -> None:
+        """failslab: make the next n kzalloc() calls fail with -ENOMEM."""
+        if type(n) is not int or n < 0:
+            raise InvalidArgumentError(f"n={n!r} must be a non-negative int")
+        self._fail_allocs = n
+
+    def should_fail_alloc(self) -> int:
+        """0, or -ENOMEM if an injected allocation failure is due."""
+        with self._lock:
+            if self._fail_allocs > 0:
+                self._fail_allocs -= 1
+                return -ENOMEM
+        return 0
 
     # -- life cycle of the emulation itself ---------------------------------
 
@@ -182,6 +213,28 @@ class Kernel:
             workers, self._workers = self._workers, []
         for t in workers:
             t.join(timeout_s)
+
+    # -- waits under the watchdog -------------------------------------------------
+
+    def wait_for_completion(self, comp: Any, what: str,
+                            holders: Callable[[], list[str]] | None = None,
+                            stacks: Callable[[], tuple[tuple[str, str], ...]] | None = None
+                            ) -> None:
+        """wait_for_completion() as a driver calls it (uninterruptible, no timeout) - but
+        after watchdog_s emulated seconds, a hang report of what is waited for and who
+        holds it, and HangError instead of waiting forever."""
+        waited = 0
+        while comp.wait_for_completion_timeout(self.HZ * 10) == 0:
+            waited += 10
+            if waited >= self.watchdog_s:
+                who = holders() if holders is not None else []
+                raise HangError(self.report(
+                    "hang", f"INFO: task python:{os.getpid()} blocked for more than {waited} "
+                    "seconds.",
+                    f"wait_for_completion({what}): nobody has completed it. Holders:\n"
+                    + ("\n".join(who) or "  none known"),
+                    (*(stacks() if stacks is not None else ()),
+                     ("waiting in", caller_stack()))))
 
     # -- the leak check ---------------------------------------------------------
 

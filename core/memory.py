@@ -1,0 +1,129 @@
+"""Kernel memory: structs that KASAN watches.  After kfree every access is a use-after-free.
+
+A struct the emulated kernel allocates (the driver's private struct with its
+embedded vfio_device, an mdev parent, an mdev device) subclasses Tracked and
+comes from kzalloc().  Freeing it poisons it: any later attribute read or
+write through a stale reference is reported with the Python stacks of the
+allocation and of the free, as KASAN prints them, and raises
+UseAfterFreeError.  A second free is KASAN's double-free.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from vfio_emu.dmesg import caller_stack
+from vfio_emu.errors import InvalidArgumentError, UseAfterFreeError
+
+if TYPE_CHECKING:
+    from vfio_emu.kernel import Kernel
+
+_T = TypeVar("_T", bound="Tracked")
+
+
+@dataclass
+class Memory:
+    """One allocation: what it is, and who allocated and freed it."""
+
+    kernel: Kernel
+    what: str
+    alloc_stack: str
+    alloc_pid: int = field(default_factory=os.getpid)
+    free_stack: str = ""
+    free_pid: int = 0
+    freed: bool = False
+
+
+def mem_of(obj: object) -> Memory | None:
+    """The allocation record of a kzalloc'd struct (None for untracked objects)."""
+    d = object.__getattribute__(obj, "__dict__")
+    return d.get("_kmem")  # type: ignore[no-any-return]
+
+
+class Tracked:
+    """Base of every struct the emulated kernel allocates: poisoned once freed."""
+
+    def __getattribute__(self, name: str) -> Any:
+        mem = mem_of(self)
+        if mem is not None and mem.freed and not name.startswith("__"):
+            use_after_free(self, f"read of {type(self).__name__}.{name}")
+        return object.__getattribute__(self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        mem = mem_of(self)
+        if mem is not None and mem.freed:
+            use_after_free(self, f"write of {type(self).__name__}.{name}")
+        object.__setattr__(self, name, value)
+
+    def _kzalloc(self, kernel: Kernel) -> None:
+        """Hook: set up what the zeroed struct holds (e.g. counters in the arena)."""
+
+    def _kfree(self) -> None:
+        """Hook: give back what the struct held."""
+
+
+def use_after_free(obj: object, access: str) -> None:
+    """KASAN's report for an access to freed memory, then UseAfterFreeError."""
+    mem = mem_of(obj)
+    assert mem is not None and mem.freed
+    rep = mem.kernel.report(
+        "use-after-free", f"BUG: KASAN: use-after-free in {access}",
+        f"{access} of {mem.what}, already freed",
+        (("Call Trace", caller_stack()), (f"Allocated by task {mem.alloc_pid}", mem.alloc_stack),
+         (f"Freed by task {mem.free_pid}", mem.free_stack)))
+    raise UseAfterFreeError(str(rep))
+
+
+def kzalloc(kernel: Kernel, cls: type[_T]) -> _T:
+    """kzalloc(sizeof(struct ...)): a zeroed struct of this kernel, tracked until kfree."""
+    if not (isinstance(cls, type) and issubclass(cls, Tracked)):
+        raise InvalidArgumentError(f"kzalloc: {cls!r} is not a kernel struct (Tracked)")
+    fail = kernel.should_fail_alloc()
+    if fail:
+        return fail  # type: ignore[return-value]  # -ENOMEM, as failslab injects it
+    obj = object.__new__(cls)
+    d = object.__getattribute__(obj, "__dict__")
+    d["_kmem"] = Memory(kernel, f"{cls.__name__}@{id(obj):#x}", caller_stack())
+    kernel.allocations[id(obj)] = d["_kmem"]
+    obj._kzalloc(kernel)
+    return obj
+
+
+def kfree(obj: Tracked) -> None:
+    """kfree()/kvfree(): poison the struct; freeing it again is a double-free."""
+    mem = mem_of(obj) if isinstance(obj, Tracked) else None
+    if mem is None:
+        raise InvalidArgumentError(f"kfree: {obj!r} was not allocated by kzalloc()")
+    if mem.freed:
+        rep = mem.kernel.report(
+            "double-free", f"BUG: KASAN: double-free in kfree of {mem.what}",
+            stacks=(("Call Trace", caller_stack()),
+                    (f"Allocated by task {mem.alloc_pid}", mem.alloc_stack),
+                    (f"Freed by task {mem.free_pid}", mem.free_stack)))
+        raise UseAfterFreeError(str(rep))
+    object.__getattribute__(obj, "_kfree")()
+    mem.freed = True
+    mem.free_stack = caller_stack()
+    mem.free_pid = os.getpid()
+    mem.kernel.allocations.pop(id(obj), None)
+
+
+kvfree = kfree
+
+
+def embedded(container: Tracked, cls: type[_T]) -> _T:
+    """A struct embedded in another (e.g. &private->parent): it shares the container's
+    memory, so it is freed - and poisoned - with it."""
+    mem = mem_of(container) if isinstance(container, Tracked) else None
+    if mem is None:
+        raise InvalidArgumentError(f"embedded: {container!r} was not allocated by kzalloc()")
+    if not (isinstance(cls, type) and issubclass(cls, Tracked)):
+        raise InvalidArgumentError(f"embedded: {cls!r} is not a kernel struct (Tracked)")
+    if mem.freed:
+        use_after_free(container, f"&{type(container).__name__}->{cls.__name__}")
+    obj = object.__new__(cls)
+    object.__getattribute__(obj, "__dict__")["_kmem"] = mem
+    obj._kzalloc(mem.kernel)
+    return obj
