@@ -1,4 +1,4 @@
-"""The vfio-emu command line.  `vfio-emu lkdtm` runs the refcount misuse catalogue."""
+"""The vfio-emu command line: `lkdtm` (the refcount misuse catalogue), `run` (a scenario)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from collections.abc import Sequence
 
 from vfio_emu import __version__, lkdtm
 from vfio_emu.arena import Arena
+from vfio_emu.errors import EmulatorError
+from vfio_emu.kernel import SEMANTICS, UNREGISTER_ORDERS, Kernel
+from vfio_emu.scenarios import SCENARIOS
 
 
 def _hex(value: int) -> str:
@@ -75,6 +78,51 @@ def cmd_lkdtm(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+#: Report kinds that are the kernel talking, not a finding (dev_warn and the like).
+INFORMATIONAL = frozenset({"info"})
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    scenario = SCENARIOS[args.scenario]
+    with Kernel(semantics=args.semantics, delayed_release=args.delayed_release,
+                unregister_order=args.unregister_order, seed=args.seed) as kernel:
+        error = None
+        try:
+            scenario.run(kernel)
+            kernel.flush()
+        except EmulatorError as e:
+            error = f"{type(e).__name__}"
+        kernel.leak_check()
+        reports = list(kernel.reports)
+        events = list(kernel.trace.events)
+    findings = [r for r in reports if r.kind not in INFORMATIONAL]
+    if args.json:
+        print(json.dumps({
+            "scenario": scenario.name, "semantics": args.semantics,
+            "delayed_release": args.delayed_release, "unregister_order": args.unregister_order,
+            "stopped_by": error, "events": [e.as_dict() for e in events],
+            "reports": [{"kind": r.kind, "title": r.title, "detail": r.detail,
+                         "stacks": [{"heading": h, "stack": st} for h, st in r.stacks]}
+                        for r in reports],
+        }, indent=2))
+        return 1 if findings else 0
+    print(f"scenario {scenario.name} ({args.semantics}"
+          f"{', delayed release' if args.delayed_release else ''}"
+          f"{', unlink-first' if args.unregister_order != 'v6.1' else ''}): {scenario.doc}")
+    print()
+    print("      jiffies  pid         device       operation")
+    print("\n".join(str(e) for e in events))
+    for r in reports:
+        print()
+        print(r)
+    print()
+    if error:
+        print(f"stopped by {error}")
+    print(f"{len(findings)} report(s)" + (": " + ", ".join(sorted({r.kind for r in findings}))
+                                         if findings else ""))
+    return 1 if findings else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfio-emu", description="Emulate the Linux VFIO device life cycle in userspace.")
@@ -88,6 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print each case's lkdtm log and WARN reports (dmesg style)")
     p.set_defaults(func=cmd_lkdtm)
+    r = sub.add_parser(
+        "run", help="run a life-cycle scenario and print its timeline and reports",
+        description="Run a named scenario through the emulated VFIO life cycle. Exit status "
+                    "1 if any report fired.",
+        epilog="scenarios:\n" + "\n".join(
+            f"  {s.name:<24}{'(buggy) ' if s.buggy else ''}{s.doc}"
+            for s in SCENARIOS.values()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("scenario", choices=sorted(SCENARIOS), metavar="SCENARIO")
+    r.add_argument("--semantics", choices=SEMANTICS, default="v6.1")
+    r.add_argument("--delayed-release", action="store_true",
+                   help="DEBUG_KOBJECT_RELEASE: run final releases 1-4 s (emulated) later")
+    r.add_argument("--unregister-order", choices=UNREGISTER_ORDERS, default="v6.1",
+                   help="v6.1: findable while unregister waits; unlink-first: the later order")
+    r.add_argument("--seed", type=int, default=None, help="seed for the release delays")
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.set_defaults(func=cmd_run)
     return parser
 
 

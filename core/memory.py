@@ -57,6 +57,12 @@ class Tracked:
             use_after_free(self, f"write of {type(self).__name__}.{name}")
         object.__setattr__(self, name, value)
 
+    def __delattr__(self, name: str) -> None:
+        mem = mem_of(self)
+        if mem is not None and mem.freed:
+            use_after_free(self, f"write of {type(self).__name__}.{name}")
+        object.__delattr__(self, name)
+
     def _kzalloc(self, kernel: Kernel) -> None:
         """Hook: set up what the zeroed struct holds (e.g. counters in the arena)."""
 
