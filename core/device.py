@@ -15,7 +15,7 @@ import enum
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from vfio_emu._binding import refcount_set as _refcount_set
 from vfio_emu.completion import ERESTARTSYS
@@ -143,7 +143,10 @@ def _trace(core: Core, op: str, kref: tuple[int, int] | None = None,
 
 # -- alloc / init / put / release ----------------------------------------------------
 
-def vfio_alloc_device(cls: type[VfioDevice], dev: Device, ops: Any) -> VfioDevice | int:
+_V = TypeVar("_V", bound="VfioDevice")
+
+
+def vfio_alloc_device(cls: type[_V], dev: Device, ops: Any) -> _V | int:
     """Allocate the driver's struct and vfio_init_device() it; the struct, or -errno.
 
     The reference returned belongs to the caller: drop it with vfio_put_device().
