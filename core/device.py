@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from vfio_emu._binding import refcount_set as _refcount_set
 from vfio_emu.completion import ERESTARTSYS
 from vfio_emu.devset import DeviceSet, vfio_assign_device_set, vfio_release_device_set
-from vfio_emu.dmesg import caller_stack
+from vfio_emu.dmesg import Stack, caller_stack, capture_stack
 from vfio_emu.errors import EmulatorError, InvalidArgumentError
 from vfio_emu.kernel import EBUSY, EINVAL, ENODEV, ENOSPC, MINORMASK, Device, HangError, Kernel
 from vfio_emu.memory import Tracked, kfree, kvfree, kzalloc, mem_of, use_after_free
@@ -55,7 +55,7 @@ class Core:
     open_count: int = 0
     initialized: bool = False  # device_initialize() ran: the kobject exists
     in_sysfs: bool = False
-    holders: list[tuple[int, str]] = field(default_factory=list)  # get_device() callers
+    holders: list[tuple[int, Stack]] = field(default_factory=list)  # get_device() callers
 
     @property
     def name(self) -> str:
@@ -207,7 +207,7 @@ def get_device(vdev: VfioDevice) -> VfioDevice:
     core = core_of(vdev, "get_device")
     before = core.kref.read()
     core.kref.get()
-    core.holders.append((os.getpid(), caller_stack()))
+    core.holders.append((os.getpid(), capture_stack()))
     _trace(core, "get_device", kref=(before, core.kref.read()))
     return vdev
 
@@ -407,7 +407,7 @@ class DeviceFile:
         self.vdev = vdev
         self.kernel = kernel
         self.pid = os.getpid()
-        self.open_stack = caller_stack()
+        self.open_stack = capture_stack()
         self.closed = False
         self._lock = threading.Lock()
 

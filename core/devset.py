@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from vfio_emu.dmesg import caller_stack
+from vfio_emu.dmesg import capture_stack
 from vfio_emu.kernel import EINVAL
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ class DeviceSet:
         self.lock_owner: int | None = None
         self.device_list: list[VfioDevice] = []
         self.device_count = 0
-        self.alloc_stack = caller_stack()
+        self.alloc_stack = capture_stack()
 
     def describe(self) -> str:
         return f"(set_id {type(self.set_id).__name__}@{id(self.set_id):#x})"

@@ -23,15 +23,37 @@ _INTERNAL = frozenset(
 )
 
 
-def caller_stack(limit: int = 32) -> str:
-    """The Python stack of the code that called into the emulator, innermost last.
+class Stack(tuple):  # type: ignore[type-arg]
+    """A captured Python stack: (file, line, function) frames, outermost first.
 
-    Outermost frames are dropped first so that it fits the record's stack field.
+    Capturing only walks the frames; the source lines are looked up when the
+    stack is printed, which for allocation and free stacks is almost never.
     """
+
+    def __str__(self) -> str:
+        summary = traceback.StackSummary.from_list([(f, n, name, None) for f, n, name in self])
+        return "".join(summary.format())
+
+
+def capture_stack(limit: int = 32) -> Stack:
+    """The stack of the code that called into the emulator, cheaply (format it later)."""
     frame: Any = sys._getframe(1)
     while frame is not None and frame.f_globals.get("__name__") in _INTERNAL:
         frame = frame.f_back
-    entries = traceback.format_list(traceback.extract_stack(frame, limit=limit))
+    frames: list[tuple[str, int, str]] = []
+    while frame is not None and len(frames) < limit:
+        frames.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
+        frame = frame.f_back
+    return Stack(reversed(frames))
+
+
+def caller_stack(limit: int = 32) -> str:
+    """The caller's stack as text, innermost last.
+
+    Outermost frames are dropped first so that it fits a WARN record's stack field.
+    """
+    entries = traceback.format_list(list(traceback.StackSummary.from_list(
+        [(f, n, name, None) for f, n, name in capture_stack(limit)])))
     while len(entries) > 1 and len("".join(entries).encode()) >= C.WARN_STACK_MAX:
         entries.pop(0)
     return "".join(entries)

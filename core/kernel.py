@@ -167,11 +167,12 @@ class Kernel:
     # -- reports ------------------------------------------------------------
 
     def report(self, kind: str, title: str, detail: str = "",
-               stacks: tuple[tuple[str, str], ...] = ()) -> Report:
+               stacks: tuple[tuple[str, object], ...] = ()) -> Report:
         """Record a finding; WARNs also go to the arena's WARN log."""
         if not stacks:
             stacks = (("Call Trace", caller_stack()),)
-        rep = Report(kind, title, detail, stacks)
+        # Captured stacks are formatted here, the first time anyone needs their text.
+        rep = Report(kind, title, detail, tuple((h, str(st)) for h, st in stacks))
         with self._lock:
             self.reports.append(rep)
         if kind == "WARN":
@@ -218,7 +219,7 @@ class Kernel:
 
     def wait_for_completion(self, comp: Any, what: str,
                             holders: Callable[[], list[str]] | None = None,
-                            stacks: Callable[[], tuple[tuple[str, str], ...]] | None = None
+                            stacks: Callable[[], tuple[tuple[str, object], ...]] | None = None
                             ) -> None:
         """wait_for_completion() as a driver calls it (uninterruptible, no timeout) - but
         after watchdog_s emulated seconds, a hang report of what is waited for and who

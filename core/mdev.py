@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from vfio_emu.dmesg import caller_stack
+from vfio_emu.dmesg import Stack, capture_stack
 from vfio_emu.errors import InvalidArgumentError
 from vfio_emu.kernel import EAGAIN, EEXIST, ENODEV, EUSERS, Device, Kernel
 from vfio_emu.memory import Tracked, kfree, kzalloc, mem_of
@@ -89,7 +89,7 @@ class MdevDevice(Tracked, Device):
         self.active = False
         self.counted = False
         self.kref = kernel.arena.kref(label=f"mdev@{id(self):#x}")
-        self.holders: list[str] = []
+        self.holders: list[Stack] = []
 
     def _kfree(self) -> None:
         object.__getattribute__(self, "kref").free()
@@ -211,7 +211,7 @@ def mdev_device_remove(mdev: MdevDevice) -> int:
 def mdev_get_device(mdev: MdevDevice) -> MdevDevice:
     """get_device(&mdev->dev)."""
     mdev.kref.get()
-    mdev.holders.append(caller_stack())
+    mdev.holders.append(capture_stack())
     return mdev
 
 

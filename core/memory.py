@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from vfio_emu.dmesg import caller_stack
+from vfio_emu.dmesg import Stack, caller_stack, capture_stack
 from vfio_emu.errors import InvalidArgumentError, UseAfterFreeError
 
 if TYPE_CHECKING:
@@ -29,9 +29,9 @@ class Memory:
 
     kernel: Kernel
     what: str
-    alloc_stack: str
+    alloc_stack: Stack
     alloc_pid: int = field(default_factory=os.getpid)
-    free_stack: str = ""
+    free_stack: Stack = field(default_factory=Stack)
     free_pid: int = 0
     freed: bool = False
 
@@ -91,7 +91,7 @@ def kzalloc(kernel: Kernel, cls: type[_T]) -> _T:
         return fail  # type: ignore[return-value]  # -ENOMEM, as failslab injects it
     obj = object.__new__(cls)
     d = object.__getattribute__(obj, "__dict__")
-    d["_kmem"] = Memory(kernel, f"{cls.__name__}@{id(obj):#x}", caller_stack())
+    d["_kmem"] = Memory(kernel, f"{cls.__name__}@{id(obj):#x}", capture_stack())
     kernel.allocations[id(obj)] = d["_kmem"]
     obj._kzalloc(kernel)
     return obj
@@ -111,7 +111,7 @@ def kfree(obj: Tracked) -> None:
         raise UseAfterFreeError(str(rep))
     object.__getattribute__(obj, "_kfree")()
     mem.freed = True
-    mem.free_stack = caller_stack()
+    mem.free_stack = capture_stack()
     mem.free_pid = os.getpid()
     mem.kernel.allocations.pop(id(obj), None)
 
