@@ -92,8 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             kernel.flush()
         except EmulatorError as e:
             error = f"{type(e).__name__}"
-        kernel.leak_check()
-        reports = list(kernel.reports)
+        reports = kernel.findings() + kernel.leak_check()
         events = list(kernel.trace.events)
     findings = [r for r in reports if r.kind not in INFORMATIONAL]
     if args.json:

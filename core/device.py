@@ -158,6 +158,8 @@ def vfio_alloc_device(cls: type[_V], dev: Device, ops: Any) -> _V | int:
         kernel.warn(f"WARNING: vfio_alloc_device: {cls!r} does not embed struct vfio_device "
                     "first (size < sizeof(struct vfio_device))")
         return -EINVAL
+    if ops is None:
+        raise InvalidArgumentError("vfio_alloc_device: ops is NULL")
     vdev = kzalloc(kernel, cls)
     if isinstance(vdev, int):
         return vdev  # -ENOMEM
@@ -179,10 +181,14 @@ def vfio_init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
     if ops is None:
         raise InvalidArgumentError("vfio_init_device: ops is NULL")
     kernel = core.kernel
-    free = sorted(set(range(len(kernel.ida) + 1)) - kernel.ida)[0]
+    if core.initialized:
+        # What kobject_init() says when the embedded kobject was never released or memset.
+        kernel.warn(f"kobject ({id(vdev):#x}): tried to init an initialized object, something "
+                    "is seriously wrong.", f"{core.name} is {core.state.value}")
+    free = sorted(set(range(len(kernel.ida) + 1)) - kernel.ida.keys())[0]
     if free > MINORMASK:
         return -ENOSPC
-    kernel.ida.add(free)
+    kernel.ida[free] = capture_stack()
     core.index = free
     core.comp.init()
     core.dev, core.ops = dev, ops
@@ -191,7 +197,7 @@ def vfio_init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
         ret = init(vdev)
         if ret:
             vfio_release_device_set(vdev)
-            kernel.ida.discard(free)
+            kernel.ida.pop(free, None)
             _trace(core, "vfio_init_device: init failed", detail=f"ret {ret}")
             core.index = -1
             return int(ret)
@@ -213,7 +219,11 @@ def get_device(vdev: VfioDevice) -> VfioDevice:
 
 
 def put_device(vdev: VfioDevice) -> None:
-    """put_device(&vdev->device): the same as vfio_put_device()."""
+    """put_device(&vdev->device): balances a get_device() (the driver's own reference
+    goes with vfio_put_device(); the kernel does not tell the two apart, hang reports do)."""
+    core = core_of(vdev, "put_device")
+    if core.holders:
+        core.holders.pop()
     vfio_put_device(vdev)
 
 
@@ -221,8 +231,6 @@ def vfio_put_device(vdev: VfioDevice) -> None:
     """put_device(): drop a reference; the last one releases (later, with delayed_release)."""
     core = core_of(vdev, "vfio_put_device")
     kernel = core.kernel
-    if core.holders:
-        core.holders.pop()  # a get_device() caller's reference, most likely
     if not core.initialized:
         kernel.warn(f"kobject: '(null)' ({id(vdev):#x}): is not initialized, yet kobject_put() "
                     "is being called.")
@@ -248,7 +256,7 @@ def vfio_device_release(vdev: VfioDevice) -> None:
     kernel = core.kernel
     _device_del(core)  # kobject_cleanup() of a device still in sysfs deletes it itself
     vfio_release_device_set(vdev)
-    kernel.ida.discard(core.index)
+    kernel.ida.pop(core.index, None)
     core.state = State.RELEASED
     _trace(core, "vfio_device_release")
     release = getattr(core.ops, "release", None)
@@ -262,6 +270,20 @@ def vfio_device_release(vdev: VfioDevice) -> None:
         if release is not None:
             release(vdev)
         kvfree(vdev)
+
+
+def memset_vfio_device(vdev: VfioDevice) -> None:
+    """memset(&private->vdev, 0, sizeof(private->vdev)), as vfio-ccw's release does so
+    that the next vfio_init_device() starts from a clean struct (its kobject too)."""
+    core = core_of(vdev, "memset")
+    _refcount_set(core.kref._h, 0)
+    core.refcount.set(0)
+    core.comp.reinit()
+    core.index, core.dev, core.ops, core.dev_set = -1, None, None, None
+    core.open_count, core.initialized, core.in_sysfs = 0, False, False
+    core.holders.clear()
+    core.state = State.ALLOCATED
+    _trace(core, "memset vfio_device")
 
 
 def vfio_free_device(vdev: VfioDevice) -> None:
@@ -388,13 +410,16 @@ def _hang_report(vdev: VfioDevice, core: Core, waited: int) -> Any:
     count = core.refcount.read()
     holders = [f"  {f} opened by pid {f.pid}" for f in files]
     extra = count - len(files)
-    if extra > 0:
+    if count >= 1 << 31:
+        holders.append(f"  the count is saturated ({count:#x}): it can never reach 0")
+    elif extra > 0:
         holders.append(f"  {extra} registration reference(s) held without an open FD "
                        "(vfio_device_try_get_registration() callers)")
     return kernel.report(
         "hang", f"INFO: task python:{os.getpid()} blocked for more than {waited} seconds.",
         f"vfio_unregister_group_dev({core.name}) waits for the registration count to reach 0; "
-        f"it is {count}. Holders:\n" + ("\n".join(holders) or "  none found"),
+        f"it is {count if count < 1 << 31 else 'saturated'}. Holders:\n"
+        + ("\n".join(holders) or "  none found"),
         (*((f"{f} opened by", f.open_stack) for f in files), ("waiting in", caller_stack())))
 
 
@@ -486,6 +511,7 @@ __all__ = [
     "kfree",
     "kvfree",
     "kzalloc",
+    "memset_vfio_device",
     "put_device",
     "use_after_free",
     "vfio_alloc_device",

@@ -11,23 +11,30 @@ from typing import TYPE_CHECKING, Any
 
 from vfio_emu.dmesg import capture_stack
 from vfio_emu.kernel import EINVAL
+from vfio_emu.memory import Tracked, kfree, kzalloc, mem_of
 
 if TYPE_CHECKING:
     from vfio_emu.device import VfioDevice
     from vfio_emu.kernel import Kernel
 
 
-class DeviceSet:
-    """struct vfio_device_set: set_id, the set mutex, the member list, device_count."""
+class DeviceSet(Tracked):
+    """struct vfio_device_set: set_id, the set mutex, the member list, device_count.
 
-    def __init__(self, kernel: Kernel, set_id: Any) -> None:
+    Kernel memory: freed with its last member, and poisoned then.
+    """
+
+    def _kzalloc(self, kernel: Kernel) -> None:
         self.kernel = kernel
-        self.set_id = set_id  # kept alive: the xarray is keyed by its identity
+        self.set_id: Any = None  # kept alive: the xarray is keyed by its identity
         self.lock = threading.Lock()
         self.lock_owner: int | None = None
         self.device_list: list[VfioDevice] = []
         self.device_count = 0
         self.alloc_stack = capture_stack()
+        mem = mem_of(self)
+        assert mem is not None
+        mem.is_device_set = True  # type: ignore[attr-defined]  # listed as a set by leak_check
 
     def describe(self) -> str:
         return f"(set_id {type(self.set_id).__name__}@{id(self.set_id):#x})"
@@ -57,7 +64,11 @@ def vfio_assign_device_set(vdev: VfioDevice, set_id: Any) -> int:
         return -EINVAL
     dev_set = kernel.dev_sets.get(id(set_id))
     if dev_set is None:
-        dev_set = kernel.dev_sets[id(set_id)] = DeviceSet(kernel, set_id)
+        new = kzalloc(kernel, DeviceSet)
+        if isinstance(new, int):
+            return new  # -ENOMEM
+        new.set_id = set_id
+        dev_set = kernel.dev_sets[id(set_id)] = new
     dev_set.device_count += 1
     with dev_set:
         if vdev in dev_set.device_list:
@@ -86,6 +97,7 @@ def vfio_release_device_set(vdev: VfioDevice) -> None:
     dev_set.device_count -= 1
     if dev_set.device_count == 0:
         core.kernel.dev_sets.pop(id(dev_set.set_id), None)
+        kfree(dev_set)
 
 
 def vfio_device_set_open_count(dev_set: DeviceSet) -> int:

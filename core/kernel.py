@@ -111,7 +111,7 @@ class Kernel:
         self.trace = Trace()
         self.reports: list[Report] = []
         self.rng = random.Random(seed)
-        self.ida: set[int] = set()
+        self.ida: dict[int, Any] = {}  # index -> the stack that took it
         self.dev_sets: dict[int, DeviceSet] = {}
         self.devices: list[VfioDevice] = []  # the group device list: findable by name
         self.mdevs: list[Any] = []  # mdev_list: every mdev device of every parent
@@ -198,10 +198,9 @@ class Kernel:
             threading.Event().wait(delay_s)
             try:
                 fn()
-            except EmulatorError:
-                pass  # already reported (UAF, oops) by whoever raised it
-            except BaseException as e:  # a release that crashed: report, do not lose it
-                self.report("oops", f"BUG: {what} raised {type(e).__name__}: {e}")
+            except BaseException as e:  # a release that crashed: never lose it
+                if getattr(e, "report", None) is None:  # not already reported
+                    self.report("oops", f"BUG: {what} raised {type(e).__name__}: {e}")
 
         t = threading.Thread(target=work, name=f"kworker:{what}", daemon=True)
         with self._lock:
@@ -240,25 +239,37 @@ class Kernel:
     # -- the leak check ---------------------------------------------------------
 
     def leak_check(self) -> list[Report]:
-        """Every device memory, index, set and open file still alive, as leak reports."""
+        """Every struct, index, device set and open FD still alive, as leak reports.
+
+        A pure check: it records nothing, so it can be asked any number of times.
+        """
         self.flush()
-        found = []
-        for mem in list(self.allocations.values()):
-            found.append(self.report("leak", f"unreferenced object {mem.what}",
-                                     "memory allocated and never freed",
-                                     (("allocated by", mem.alloc_stack),)))
-        for index in sorted(self.ida):
-            found.append(self.report("leak", f"vfio device index {index} (vfio{index}) "
-                                     "was never returned to the ida", stacks=(("", ""),)))
-        for dev_set in list(self.dev_sets.values()):
-            found.append(self.report(
-                "leak", f"vfio_device_set {dev_set.describe()} still alive with "
-                f"device_count {dev_set.device_count}", stacks=(("allocated by",
-                                                               dev_set.alloc_stack),)))
-        for f in list(self.files):
-            found.append(self.report("leak", f"{f} was never closed",
-                                     stacks=(("opened by", f.open_stack),)))
+        found = [Report("leak", f"unreferenced object {mem.what}",
+                        "memory allocated and never freed",
+                        (("allocated by", str(mem.alloc_stack)),))
+                 for mem in list(self.allocations.values())
+                 if not getattr(mem, "is_device_set", False)]
+        found += [Report("leak", f"vfio device index {index} (vfio{index}) was never "
+                         "returned to the ida", stacks=(("taken by", str(stack)),))
+                  for index, stack in sorted(self.ida.items())]
+        found += [Report("leak", f"vfio_device_set {dev_set.describe()} still alive with "
+                         f"device_count {dev_set.device_count}",
+                         stacks=(("allocated by", str(dev_set.alloc_stack)),))
+                  for dev_set in list(self.dev_sets.values())]
+        found += [Report("leak", f"{f} was never closed", stacks=(("opened by",
+                                                                   str(f.open_stack)),))
+                  for f in list(self.files)]
         return found
+
+    def findings(self) -> list[Report]:
+        """Everything reported, plus the refcount WARNs the C core logged in the arena."""
+        out = list(self.reports)
+        for w in self.arena.dmesg():
+            if w.kind != "WARN":  # the kernel's own WARNs are in self.reports already
+                out.append(Report("WARN", w.text, f"{w.object}: "
+                                  f"{w.old & 0xFFFFFFFF:#x} -> {w.new & 0xFFFFFFFF:#x}",
+                                  (("Call Trace", w.stack),)))
+        return out
 
     def __repr__(self) -> str:
         return f"<Kernel {self.semantics} pid {os.getpid()} arena '{self.arena.name}'>"

@@ -198,13 +198,14 @@ def mdev_device_remove(mdev: MdevDevice) -> int:
     if not mdev.active:
         return -EAGAIN
     mdev.active = False
-    assert mdev.parent is not None
-    if not mdev.parent.unreg_sem.down_read_trylock():
+    parent = mdev.parent
+    assert parent is not None
+    if not parent.unreg_sem.down_read_trylock():
         return -ENODEV
     try:
-        _remove(mdev)
+        _remove(mdev)  # may drop the last reference: mdev is gone afterwards
     finally:
-        mdev.parent.unreg_sem.up_read()
+        parent.unreg_sem.up_read()
     return 0
 
 

@@ -79,7 +79,13 @@ def use_after_free(obj: object, access: str) -> None:
         f"{access} of {mem.what}, already freed",
         (("Call Trace", caller_stack()), (f"Allocated by task {mem.alloc_pid}", mem.alloc_stack),
          (f"Freed by task {mem.free_pid}", mem.free_stack)))
-    raise UseAfterFreeError(str(rep))
+    raise _reported(UseAfterFreeError(str(rep)), rep)
+
+
+def _reported(error: Exception, report: Any) -> Exception:
+    """Attach the report an exception stands for, so nobody reports it twice."""
+    error.report = report  # type: ignore[attr-defined]
+    return error
 
 
 def kzalloc(kernel: Kernel, cls: type[_T]) -> _T:
@@ -108,7 +114,7 @@ def kfree(obj: Tracked) -> None:
             stacks=(("Call Trace", caller_stack()),
                     (f"Allocated by task {mem.alloc_pid}", mem.alloc_stack),
                     (f"Freed by task {mem.free_pid}", mem.free_stack)))
-        raise UseAfterFreeError(str(rep))
+        raise _reported(UseAfterFreeError(str(rep)), rep)
     object.__getattribute__(obj, "_kfree")()
     mem.freed = True
     mem.free_stack = capture_stack()

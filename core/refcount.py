@@ -153,6 +153,13 @@ class Kref(Handle):
         super().__init__(arena, h, label, _key=_key)
         self.release: Optional[Release] = None  # noqa: UP045 - runtime annotation on 3.10
 
+    @property
+    def refcount(self) -> Refcount:
+        """kref->refcount: the refcount_t inside, for code that uses it directly."""
+        from vfio_emu.handle import _ARENA_ONLY
+
+        return Refcount(self._arena, self._h, self._label, _key=_ARENA_ONLY)
+
     def init(self) -> None:
         """kref_init(): count = 1."""
         r = _set(self._h, 1)
