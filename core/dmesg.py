@@ -19,7 +19,7 @@ from vfio_emu import _binding as C
 _INTERNAL = frozenset(
     {"vfio_emu.handle", "vfio_emu.refcount", "vfio_emu.completion", "vfio_emu.dmesg",
      "vfio_emu.arena", "vfio_emu.kernel", "vfio_emu.device", "vfio_emu.devset",
-     "vfio_emu.memory", "vfio_emu.mdev"}
+     "vfio_emu.memory", "vfio_emu.mdev", "vfio_emu.kobject"}
 )
 
 

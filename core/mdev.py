@@ -72,6 +72,7 @@ class MdevParent(Tracked):
         self.driver: Any = None
         self.types: list[MdevType] = []
         self.available_instances = 0
+        self.max_instances = 0
         self.unreg_sem = RWSem()
         self.registered = False
 
@@ -121,7 +122,8 @@ def mdev_register_parent(parent: MdevParent, dev: Device, driver: Any,
             raise InvalidArgumentError(f"mdev_register_parent: the mdev driver has no {attr}()")
     parent.dev, parent.driver = dev, driver
     parent.types = [MdevType(parent, t) for t in types]
-    parent.available_instances = int(getattr(driver, "max_instances", 0) or 0)
+    parent.available_instances = parent.max_instances = int(
+        getattr(driver, "max_instances", 0) or 0)
     parent.registered = True
     parent.kernel.trace.record(parent.kernel.jiffies(), dev.name, "mdev_register_parent",
                                detail=f"available {parent.available_instances}")
@@ -144,6 +146,19 @@ def mdev_unregister_parent(parent: MdevParent) -> None:
                         "mdev_unregister_parent")
 
 
+def _check_accounting(parent: MdevParent, when: str) -> None:
+    """The emulator's own check (the kernel has none): every counted instance is either
+    available or held by a live mdev - not lost, not counted twice."""
+    if getattr(parent.driver, "get_available", None) is not None:
+        return
+    live = sum(1 for m in parent.kernel.mdevs if m.parent is parent and m.counted)
+    if parent.available_instances + live != parent.max_instances:
+        parent.kernel.warn(
+            f"mdev: {parent.dev.name if parent.dev else '?'}: available_instances "
+            f"{parent.available_instances} + {live} live instance(s) != max_instances "
+            f"{parent.max_instances} {when}: an instance was lost or counted twice")
+
+
 def mdev_device_create(mtype: MdevType, uuid: str) -> MdevDevice | int:
     """Create an instance: counted against max_instances unless the driver has
     get_available; the driver's probe runs; the mdev, or -errno."""
@@ -161,6 +176,7 @@ def mdev_device_create(mtype: MdevType, uuid: str) -> MdevDevice | int:
         parent.available_instances -= 1
     mdev = kzalloc(kernel, MdevDevice)
     if isinstance(mdev, int):
+        _check_accounting(parent, "after a failed create")
         return mdev  # as written upstream: the instance taken above is not given back
     mdev.kref.init()  # device_initialize()
     mdev.parent, mdev.type, mdev.uuid, mdev.counted, mdev.name = parent, mtype, uuid, counted, uuid
@@ -178,6 +194,7 @@ def mdev_device_create(mtype: MdevType, uuid: str) -> MdevDevice | int:
         parent.unreg_sem.up_read()
     kernel.trace.record(kernel.jiffies(), uuid, "mdev_device_create",
                         detail=f"available {parent.available_instances}")
+    _check_accounting(parent, "after create")
     return mdev
 
 
@@ -235,3 +252,5 @@ def mdev_device_release(mdev: MdevDevice) -> None:
     kernel.trace.record(kernel.jiffies(), mdev.uuid, "mdev_device_release",
                         detail=f"available {parent.available_instances if parent else '-'}")
     kfree(mdev)
+    if parent is not None:
+        _check_accounting(parent, "after release")

@@ -61,6 +61,15 @@ from vfio_emu.kernel import (
     Kernel,
     KernelOops,
 )
+from vfio_emu.kobject import (
+    StructDevice,
+    dev_set_name,
+    device_add,
+    device_initialize,
+    device_register,
+    device_unregister,
+)
+from vfio_emu.kobject import put_device as put_device_struct
 from vfio_emu.mdev import (
     MdevParent,
     mdev_device_create,
@@ -978,6 +987,7 @@ def test_c29_failed_mdev_allocation_never_returns_its_instance(make_kernel):
     k.fail_next_allocs(1)
     assert mdev_device_create(parent.types[0], "uuid-29a") == -ENOMEM
     assert parent.available_instances == 0  # as written upstream: lost
+    assert "an instance was lost or counted twice" in only_report(k, "WARN").title
     assert mdev_device_create(parent.types[0], "uuid-29b") == -EUSERS
     mdev_unregister_parent(parent)
     kfree(parent)
@@ -1291,3 +1301,98 @@ def test_a_delayed_release_that_raises_an_unreported_error_is_reported(make_kern
 def test_kernel_rejects_unknown_configuration(kwargs):
     with pytest.raises(InvalidArgumentError):
         Kernel(**kwargs)
+
+
+# -- 23. device_register() failure followed by kfree() instead of put_device() -----------
+
+class ParentDevice(StructDevice):
+    """A driver's own refcounted struct device (v6.2 vfio-ccw's parent, vfio-ap's matrix_dev)."""
+
+
+def register_parent_failing_add(k: Kernel) -> ParentDevice:
+    parent = kzalloc(k, ParentDevice)
+    parent.release = kfree
+    assert dev_set_name(parent, "parent") == 0
+    device_initialize(parent)
+    k.fail_next_allocs(1)  # device_add() fails
+    assert device_add(parent) == -ENOMEM
+    return parent
+
+
+def test_c23_kfree_after_a_failed_device_register_leaks_the_kobject_name(make_kernel):
+    k = make_kernel()
+    parent = register_parent_failing_add(k)
+    kfree(parent)  # BUG: the kobject is initialized; only put_device() may free it
+    [leak] = k.leak_check()
+    assert "kobject name 'parent'" in leak.title
+    assert "register_parent_failing_add" in stack_text(leak, "allocated by")
+
+
+def test_c23_put_device_after_a_failed_device_register_frees_everything(make_kernel):
+    k = make_kernel()
+    parent = register_parent_failing_add(k)
+    put_device_struct(parent)
+    assert is_freed(parent)
+    assert_clean(k)
+
+
+def test_device_unregister_releases_a_registered_struct_device(make_kernel):
+    k = make_kernel()
+    parent = kzalloc(k, ParentDevice)
+    parent.release = kfree
+    assert device_register(parent, "parent") == 0
+    device_unregister(parent)
+    assert is_freed(parent)
+    assert_clean(k)
+
+
+def test_struct_device_without_release_warns_it_is_broken(make_kernel):
+    k = make_kernel()
+    parent = kzalloc(k, ParentDevice)
+    assert device_register(parent, "parent") == 0
+    device_unregister(parent)
+    assert "does not have a release() function" in only_report(k, "WARN").title
+    kfree(parent)
+
+
+# -- 31. counting instances in the driver as well as in the mdev core --------------------
+
+class DoubleCountingDriver(MdevVfioDriver):
+    """The pre-9c799c224d6e pattern: the driver still takes an instance itself."""
+
+    max_instances = 2
+
+    def probe(self, mdev):
+        mdev.parent.available_instances -= 1  # BUG: the core already counted this one
+        return super().probe(mdev)
+
+    def remove(self, mdev):
+        super().remove(mdev)
+
+
+def test_c31_counting_in_driver_and_core_warns_and_refuses_the_second_instance(make_kernel):
+    k = make_kernel()
+    drv = DoubleCountingDriver(k)
+    parent = kzalloc(k, MdevParent)
+    assert mdev_register_parent(parent, k.device("matrix"), drv, ["ap"]) == 0
+    first = mdev_device_create(parent.types[0], "uuid-31a")
+    assert not isinstance(first, int)
+    assert "an instance was lost or counted twice" in only_report(k, "WARN").title
+    assert mdev_device_create(parent.types[0], "uuid-31b") == -EUSERS  # only 1 exists
+    mdev_unregister_parent(parent)
+    kfree(parent)
+
+
+def test_c31_counting_only_in_the_core_allows_max_instances(make_kernel):
+    k = make_kernel()
+    drv = MdevVfioDriver(k)
+    drv.max_instances = 2
+    parent = kzalloc(k, MdevParent)
+    assert mdev_register_parent(parent, k.device("matrix"), drv, ["ap"]) == 0
+    mdevs = [mdev_device_create(parent.types[0], f"uuid-31-{i}") for i in range(2)]
+    assert not any(isinstance(m, int) for m in mdevs)
+    assert parent.available_instances == 0
+    mdev_unregister_parent(parent)
+    assert parent.available_instances == 2
+    kfree(parent)
+    assert_clean(k)

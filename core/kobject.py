@@ -1,0 +1,147 @@
+"""A refcounted struct device of the driver's own (vfio-ccw's v6.2 parent, vfio-ap's matrix_dev).
+
+device_register() = device_initialize() + device_add(); once initialized,
+the device must go with put_device(), whose release frees it - never with
+kfree(): that leaks the kobject's name (what ce3895735cc2 fixed) and skips
+the release.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from vfio_emu.dmesg import capture_stack
+from vfio_emu.errors import InvalidArgumentError
+from vfio_emu.kernel import Device, Kernel
+from vfio_emu.memory import Tracked, kfree, kzalloc, mem_of
+
+
+class KName(Tracked):
+    """The string dev_set_name() allocates (kobject->name), freed at kobject cleanup."""
+
+    def _kzalloc(self, kernel: Kernel) -> None:
+        self.text = ""
+
+
+class StructDevice(Tracked, Device):
+    """struct device, refcounted: kzalloc() it (or a subclass), then device_register()."""
+
+    def _kzalloc(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.name = ""
+        self.drvdata = None
+        self.kname: KName | None = None
+        self.kref = kernel.arena.kref(label=f"device@{id(self):#x}")
+        self.kref.refcount.set(0)
+        self.initialized = False
+        self.added = False
+        self.release: Callable[[StructDevice], None] | None = None
+        self.holders: list[Any] = []
+
+    def _kfree(self) -> None:
+        object.__getattribute__(self, "kref").free()
+
+    def __repr__(self) -> str:
+        mem = mem_of(self)
+        return (f"<{type(self).__name__} {mem.what} freed>" if mem is not None and mem.freed
+                else f"<{type(self).__name__} {self.name}>")
+
+    def get_ref(self) -> None:
+        get_device(self)
+
+    def put_ref(self) -> None:
+        put_device(self)
+
+
+def _check(dev: object, access: str) -> StructDevice:
+    if not isinstance(dev, StructDevice):
+        raise InvalidArgumentError(f"{access}: {dev!r} is not a refcounted struct device")
+    return dev
+
+
+def device_initialize(dev: StructDevice) -> None:
+    """The kobject exists from here on: only put_device() may free the device now."""
+    _check(dev, "device_initialize")
+    if dev.initialized:
+        dev.kernel.warn(f"kobject ({id(dev):#x}): tried to init an initialized object, "
+                        "something is seriously wrong.")
+    dev.kref.init()
+    dev.initialized = True
+
+
+def dev_set_name(dev: StructDevice, name: str) -> int:
+    """Allocate the device's name; 0 or -ENOMEM."""
+    _check(dev, "dev_set_name")
+    kname = kzalloc(dev.kernel, KName)
+    if isinstance(kname, int):
+        return kname
+    kname.text = name
+    mem = mem_of(kname)
+    assert mem is not None
+    mem.what = f"kobject name '{name}' of {type(dev).__name__}@{id(dev):#x}"
+    if dev.kname is not None:
+        kfree(dev.kname)
+    dev.kname, dev.name = kname, name
+    return 0
+
+
+def device_add(dev: StructDevice) -> int:
+    """Into sysfs; fails (-ENOMEM) when an allocation failure is injected."""
+    _check(dev, "device_add")
+    fail = dev.kernel.should_fail_alloc()
+    if fail:
+        return fail
+    dev.added = True
+    dev.kernel.trace.record(dev.kernel.jiffies(), dev.name or "-", "device_add")
+    return 0
+
+
+def device_register(dev: StructDevice, name: str | None = None) -> int:
+    """device_initialize() then device_add(); on failure the caller must put_device()."""
+    device_initialize(dev)
+    if name is not None:
+        ret = dev_set_name(dev, name)
+        if ret:
+            return ret
+    return device_add(dev)
+
+
+def device_del(dev: StructDevice) -> None:
+    _check(dev, "device_del")
+    dev.added = False
+
+
+def device_unregister(dev: StructDevice) -> None:
+    """device_del() then put_device()."""
+    device_del(dev)
+    put_device(dev)
+
+
+def get_device(dev: StructDevice) -> StructDevice:
+    _check(dev, "get_device")
+    dev.kref.get()
+    dev.holders.append(capture_stack())
+    return dev
+
+
+def put_device(dev: StructDevice) -> None:
+    """Drop a reference; the last one runs kobject cleanup: name freed, then dev->release."""
+    _check(dev, "put_device")
+    if not dev.initialized:
+        dev.kernel.warn(f"kobject: '{dev.name or '(null)'}' ({id(dev):#x}): is not "
+                        "initialized, yet kobject_put() is being called.")
+    if dev.holders:
+        dev.holders.pop()
+    if not dev.kref.put():
+        return
+    dev.added = False
+    if dev.kname is not None:
+        kfree(dev.kname)
+        dev.kname = None
+    release = dev.release
+    if release is None:
+        dev.kernel.warn(f"Device '{dev.name}' does not have a release() function, it is broken "
+                        "and must be fixed. See Documentation/core-api/kobject.rst.")
+        return
+    release(dev)
