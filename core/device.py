@@ -423,6 +423,35 @@ def _hang_report(vdev: VfioDevice, core: Core, waited: int) -> Any:
         (*((f"{f} opened by", f.open_stack) for f in files), ("waiting in", caller_stack())))
 
 
+# -- the container: the device's dma_unmap registration -------------------------------
+
+def _container_register(core: Core) -> None:
+    """After the first open_device: the device joins the container's device list."""
+    core.kernel.container_devices.add(core.name)
+    _trace(core, "container register")
+
+
+def _container_unregister(core: Core) -> None:
+    """list_del(&device->iommu_entry): twice is the list corruption DEBUG_LIST reports."""
+    if core.name not in core.kernel.container_devices:
+        core.kernel.warn(f"list_del corruption: {core.name}->iommu_entry is not on the "
+                         "container's device list (container unregistered twice)")
+        return
+    core.kernel.container_devices.discard(core.name)
+    _trace(core, "container unregister")
+
+
+def _close_device(vdev: VfioDevice, core: Core, last: bool) -> None:
+    """close_device on the last close, then the container unregister: only then in the
+    fixed core (7fdba0011157); the merge-window core unregistered on every close."""
+    if last:
+        close_device = getattr(core.ops, "close_device", None)
+        if close_device is not None:
+            close_device(vdev)
+    if last or not core.kernel.container_fix:
+        _container_unregister(core)
+
+
 # -- the device FD, as userspace sees it ------------------------------------------------
 
 class DeviceFile:
@@ -454,12 +483,11 @@ class DeviceFile:
             if core.open_count == 0:
                 self.kernel.warn("WARNING: vfio_device_fops_release: WARN_ON_ONCE("
                                  "device->open_count == 0)")
-            elif core.open_count == 1:
-                close_device = getattr(core.ops, "close_device", None)
-                if close_device is not None:
-                    close_device(self.vdev)
+            else:
+                _close_device(self.vdev, core, last=core.open_count == 1)
             core.open_count = max(0, core.open_count - 1)
         _trace(core, "fd close")
+        self.kernel.container_users -= 1  # vfio_device_unassign_container()
         vfio_device_put_registration(self.vdev)
 
 
@@ -484,6 +512,7 @@ def vfio_group_get_device_fd(kernel: Kernel, name: str) -> DeviceFile | int:
     core = core_of(found, "vfio_device_open")
     dev_set = core.dev_set
     assert dev_set is not None
+    kernel.container_users += 1  # vfio_device_assign_container()
     with dev_set:
         core.open_count += 1
         if core.open_count == 1:
@@ -492,8 +521,23 @@ def vfio_group_get_device_fd(kernel: Kernel, name: str) -> DeviceFile | int:
             if ret:
                 core.open_count -= 1
                 _trace(core, "open_device failed", detail=f"ret {ret}")
+                kernel.container_users -= 1
                 vfio_device_put_registration(found)
                 return int(ret)
+            _container_register(core)
+    fail = kernel.should_fail_alloc()  # anon_inode_getfile() for the FD
+    if fail:
+        with dev_set:
+            if kernel.container_fix:
+                _close_device(found, core, last=core.open_count == 1)
+            elif getattr(core.ops, "close_device", None) is not None:
+                # The merge-window core: only drivers with close_device unregistered.
+                _close_device(found, core, last=core.open_count == 1)
+            core.open_count -= 1
+        _trace(core, "fd creation failed", detail=f"ret {fail}")
+        kernel.container_users -= 1
+        vfio_device_put_registration(found)
+        return fail
     f = DeviceFile(found, kernel)
     kernel.files.add(f)
     _trace(core, "fd open")

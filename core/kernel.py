@@ -87,11 +87,14 @@ class Kernel:
     def __init__(self, *, semantics: str = "v6.1", unregister_order: str = "v6.1",
                  delayed_release: bool = False, watchdog_s: int = 120, hz: int = 250,
                  time_scale: float = 1000.0, capacity: int = 4096,
-                 arena: Arena | None = None, seed: int | None = None) -> None:
+                 arena: Arena | None = None, seed: int | None = None,
+                 container_fix: bool = True) -> None:
         """semantics: "v6.1" or "v6.2".  delayed_release: DEBUG_KOBJECT_RELEASE.
         watchdog_s: emulated seconds any life-cycle wait may last before it is
         reported as a hang.  time_scale: how much faster than real time the
         emulated clock runs (10 s of unregister cadence take 10 ms at 1000).
+        container_fix=False emulates the merge-window core before 7fdba0011157, whose
+        container unregister on open failure and close was unbalanced.
         """
         if semantics not in SEMANTICS:
             raise InvalidArgumentError(f"semantics={semantics!r}: choose one of {SEMANTICS}")
@@ -115,6 +118,9 @@ class Kernel:
         self.dev_sets: dict[int, DeviceSet] = {}
         self.devices: list[VfioDevice] = []  # the group device list: findable by name
         self.mdevs: list[Any] = []  # mdev_list: every mdev device of every parent
+        self.container_fix = container_fix
+        self.container_users = 1  # the group's own reference
+        self.container_devices: set[str] = set()  # registered for dma_unmap notifications
         self.allocations: dict[int, Any] = {}  # live kzalloc'd memory, by id
         self.files: set[DeviceFile] = set()
         self._workers: list[threading.Thread] = []
@@ -259,6 +265,9 @@ class Kernel:
         found += [Report("leak", f"{f} was never closed", stacks=(("opened by",
                                                                    str(f.open_stack)),))
                   for f in list(self.files)]
+        found += [Report("leak", f"{name} is still registered with the container (its "
+                         "dma_unmap notifier and iommu_entry were never removed)")
+                  for name in sorted(self.container_devices)]
         return found
 
     def findings(self) -> list[Report]:

@@ -1396,3 +1396,44 @@ def test_c31_counting_only_in_the_core_allows_max_instances(make_kernel):
     assert parent.available_instances == 2
     kfree(parent)
     assert_clean(k)
+
+
+# -- 26. container unregister unbalanced (the merge-window core, before 7fdba0011157) -----
+
+class NoClose(Driver):
+    close_device = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("container_fix", [False, True], ids=["merge-window", "fixed"])
+def test_c26_fd_creation_failure_leaks_the_container_registration_without_close_device(
+        make_kernel, container_fix):
+    k = make_kernel(container_fix=container_fix)
+    vdev, _ = probe(k, driver=NoClose(k))
+    k.fail_next_allocs(1)  # anon_inode_getfile() fails after open_device
+    assert vfio_group_get_device_fd(k, NAME) == -ENOMEM
+    leaks = [r.title for r in k.leak_check() if "container" in r.title]
+    if container_fix:
+        assert leaks == []
+        remove(vdev)
+        assert_clean(k)
+    else:
+        assert leaks == ["vfio0 is still registered with the container (its dma_unmap "
+                         "notifier and iommu_entry were never removed)"]
+
+
+@pytest.mark.parametrize("container_fix", [False, True], ids=["merge-window", "fixed"])
+def test_c26_every_close_unregistering_the_container_corrupts_its_list(
+        make_kernel, container_fix):
+    k = make_kernel(container_fix=container_fix)
+    vdev, _ = probe(k)
+    fds = [vfio_group_get_device_fd(k, NAME) for _ in range(2)]
+    for fd in fds:
+        fd.close()
+    warns = [r.title for r in reports_of(k, "WARN")]
+    if container_fix:
+        assert warns == []
+        remove(vdev)
+        assert_clean(k)
+    else:
+        assert warns == ["list_del corruption: vfio0->iommu_entry is not on the container's "
+                         "device list (container unregistered twice)"]
