@@ -10,7 +10,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from vfio_emu.dmesg import capture_stack
-from vfio_emu.kernel import EINVAL
+from vfio_emu.kernel import EINVAL, HangError
 from vfio_emu.memory import Tracked, kfree, kzalloc, mem_of
 
 if TYPE_CHECKING:
@@ -40,8 +40,20 @@ class DeviceSet(Tracked):
         return f"(set_id {type(self.set_id).__name__}@{id(self.set_id):#x})"
 
     def __enter__(self) -> DeviceSet:
-        """mutex_lock(&dev_set->lock)."""
-        self.lock.acquire()
+        """mutex_lock(&dev_set->lock): lockdep's report instead of a self-deadlock, and the
+        watchdog's instead of waiting forever for another holder."""
+        kernel = self.kernel
+        if self.held():
+            raise HangError(kernel.report(
+                "WARN", "WARNING: possible recursive locking detected",
+                f"this task already holds &dev_set->lock of {self.describe()} and takes it "
+                "again: it would deadlock"))
+        if not self.lock.acquire(timeout=kernel.clock.jiffies_to_ns(
+                kernel.HZ * kernel.watchdog_s) / 1e9):
+            raise HangError(kernel.report(
+                "hang", f"INFO: task python blocked for more than {kernel.watchdog_s} seconds.",
+                f"mutex_lock(&dev_set->lock) of {self.describe()}: held by thread "
+                f"{self.lock_owner}"))
         self.lock_owner = threading.get_ident()
         return self
 

@@ -9,18 +9,21 @@ while mdev_unregister_parent() removes every child; creates meanwhile fail.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from vfio_emu.dmesg import Stack, capture_stack
 from vfio_emu.errors import InvalidArgumentError
-from vfio_emu.kernel import EAGAIN, EEXIST, ENODEV, EUSERS, Device, Kernel
+from vfio_emu.kernel import EAGAIN, EEXIST, ENODEV, EUSERS, Device, HangError, Kernel
 from vfio_emu.memory import Tracked, kfree, kzalloc, mem_of
 
 
 class RWSem:
-    """A reader/writer semaphore with the trylock the mdev core uses."""
+    """A reader/writer semaphore with the trylock the mdev core uses; down_write waits
+    under the kernel's watchdog."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel: Kernel) -> None:
+        self._kernel = kernel
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
@@ -38,8 +41,16 @@ class RWSem:
             self._cond.notify_all()
 
     def down_write(self) -> None:
+        kernel = self._kernel
+        limit = time.monotonic() + kernel.clock.jiffies_to_ns(
+            kernel.HZ * kernel.watchdog_s) / 1e9
         with self._cond:
             while self._writer or self._readers:
+                if time.monotonic() >= limit:
+                    raise HangError(kernel.report(
+                        "hang", f"INFO: task python blocked for more than {kernel.watchdog_s} "
+                        "seconds.", f"down_write(&parent->unreg_sem): {self._readers} "
+                        f"reader(s){' and a writer' if self._writer else ''} hold it"))
                 self._cond.wait(0.02)  # bounded, so signal handlers run
             self._writer = True
 
@@ -73,7 +84,7 @@ class MdevParent(Tracked):
         self.types: list[MdevType] = []
         self.available_instances = 0
         self.max_instances = 0
-        self.unreg_sem = RWSem()
+        self.unreg_sem = RWSem(kernel)
         self.registered = False
 
 

@@ -1437,3 +1437,41 @@ def test_c26_every_close_unregistering_the_container_corrupts_its_list(
     else:
         assert warns == ["list_del corruption: vfio0->iommu_entry is not on the container's "
                          "device list (container unregistered twice)"]
+
+
+# -- locks: lockdep and the watchdog instead of deadlocks ------------------------------
+
+def test_taking_the_set_lock_again_in_close_device_is_reported_not_deadlocked(make_kernel):
+    k = make_kernel()
+
+    def relock(vdev):
+        with vdev.dev_set:  # close_device already runs under dev_set->lock
+            pass
+
+    probe(k, driver=Driver(k, on_close=relock))
+    fd = vfio_group_get_device_fd(k, NAME)
+    with pytest.raises(HangError):
+        fd.close()
+    assert "possible recursive locking detected" in only_report(k, "WARN").title
+
+
+def test_a_set_lock_held_forever_by_another_thread_hits_the_watchdog(make_kernel):
+    k = make_kernel(watchdog_s=1)
+    vdev, _ = probe(k)
+    held, done = threading.Event(), threading.Event()
+
+    def holder():
+        with vdev.dev_set:
+            held.set()
+            done.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(30)
+    try:
+        with pytest.raises(HangError):
+            vfio_group_get_device_fd(k, NAME)
+    finally:
+        done.set()
+        t.join(30)
+    assert "dev_set->lock" in only_report(k, "hang").detail
