@@ -12,9 +12,9 @@ import threading
 import time
 from typing import Any
 
-from vfio_emu.dmesg import Stack, capture_stack
 from vfio_emu.errors import InvalidArgumentError
 from vfio_emu.kernel import EAGAIN, EEXIST, ENODEV, EUSERS, Device, HangError, Kernel
+from vfio_emu.kobject import StructDevice, device_initialize, get_device, put_device
 from vfio_emu.memory import Tracked, kfree, kzalloc, mem_of
 
 
@@ -88,35 +88,23 @@ class MdevParent(Tracked):
         self.registered = False
 
 
-class MdevDevice(Tracked, Device):
+class MdevDevice(StructDevice):
     """struct mdev_device: a refcounted struct device; its release returns the instance."""
 
     def _kzalloc(self, kernel: Kernel) -> None:
-        self.kernel = kernel
-        self.name = ""
-        self.drvdata = None
+        super()._kzalloc(kernel)
         self.parent: MdevParent | None = None
         self.type: MdevType | None = None
         self.uuid = ""
         self.active = False
         self.counted = False
-        self.kref = kernel.arena.kref(label=f"mdev@{id(self):#x}")
-        self.holders: list[Stack] = []
-
-    def _kfree(self) -> None:
-        object.__getattribute__(self, "kref").free()
+        self.release = mdev_device_release
 
     def __repr__(self) -> str:
         mem = mem_of(self)
         if mem is not None and mem.freed:
             return f"<MdevDevice {mem.what} freed>"
         return f"<MdevDevice {self.uuid}>"
-
-    def get_ref(self) -> None:
-        mdev_get_device(self)
-
-    def put_ref(self) -> None:
-        mdev_put_device(self)
 
 
 def mdev_register_parent(parent: MdevParent, dev: Device, driver: Any,
@@ -189,7 +177,7 @@ def mdev_device_create(mtype: MdevType, uuid: str) -> MdevDevice | int:
     if isinstance(mdev, int):
         _check_accounting(parent, "after a failed create")
         return mdev  # as written upstream: the instance taken above is not given back
-    mdev.kref.init()  # device_initialize()
+    device_initialize(mdev)
     mdev.parent, mdev.type, mdev.uuid, mdev.counted, mdev.name = parent, mtype, uuid, counted, uuid
     kernel.mdevs.append(mdev)
     if not parent.unreg_sem.down_read_trylock():
@@ -239,21 +227,18 @@ def mdev_device_remove(mdev: MdevDevice) -> int:
 
 def mdev_get_device(mdev: MdevDevice) -> MdevDevice:
     """get_device(&mdev->dev)."""
-    mdev.kref.get()
-    mdev.holders.append(capture_stack())
+    get_device(mdev)
     return mdev
 
 
 def mdev_put_device(mdev: MdevDevice) -> None:
     """put_device(&mdev->dev); the last one runs mdev_device_release()."""
-    if mdev.holders:
-        mdev.holders.pop()
-    if mdev.kref.put():
-        mdev_device_release(mdev)
+    put_device(mdev)
 
 
-def mdev_device_release(mdev: MdevDevice) -> None:
+def mdev_device_release(mdev: StructDevice) -> None:
     """Unlink, give the instance back (if counted) - touching the parent - and free."""
+    assert isinstance(mdev, MdevDevice)
     kernel = mdev.kernel
     parent = mdev.parent
     if mdev in kernel.mdevs:
