@@ -181,26 +181,31 @@ def vfio_init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
     if ops is None:
         raise InvalidArgumentError("vfio_init_device: ops is NULL")
     kernel = core.kernel
-    if core.initialized:
-        # What kobject_init() says when the embedded kobject was never released or memset.
-        kernel.warn(f"kobject ({id(vdev):#x}): tried to init an initialized object, something "
-                    "is seriously wrong.", f"{core.name} is {core.state.value}")
-    free = sorted(set(range(len(kernel.ida) + 1)) - kernel.ida.keys())[0]
-    if free > MINORMASK:
-        return -ENOSPC
-    kernel.ida[free] = capture_stack()
+    with kernel._lock:  # ida_alloc_max()
+        free = min(set(range(len(kernel.ida) + 1)) - kernel.ida.keys())
+        if free > MINORMASK:
+            return -ENOSPC
+        kernel.ida[free] = capture_stack()
     core.index = free
     core.comp.init()
     core.dev, core.ops = dev, ops
     init = getattr(ops, "init", None)
     if init is not None:
         ret = init(vdev)
+        if type(ret) is not int:
+            vfio_release_device_set(vdev)
+            kernel.ida.pop(free, None)
+            raise InvalidArgumentError(f"ops->init must return an int (0 or -errno), not {ret!r}")
         if ret:
             vfio_release_device_set(vdev)
             kernel.ida.pop(free, None)
             _trace(core, "vfio_init_device: init failed", detail=f"ret {ret}")
             core.index = -1
             return int(ret)
+    if core.initialized:
+        # What kobject_init() says when the embedded kobject was never released or memset.
+        kernel.warn(f"kobject ({id(vdev):#x}): tried to init an initialized object, something "
+                    "is seriously wrong.", f"{core.name} is {core.state.value}")
     core.kref.init()  # device_initialize()
     core.initialized = True
     core.state = State.INITIALIZED
@@ -235,9 +240,9 @@ def vfio_put_device(vdev: VfioDevice) -> None:
         kernel.warn(f"kobject: '(null)' ({id(vdev):#x}): is not initialized, yet kobject_put() "
                     "is being called.")
     before = core.kref.read()
-    released = core.kref.put()
-    _trace(core, "vfio_put_device", kref=(before, core.kref.read()))
-    if not released:
+    # Trace first: after a put that is not the last, another holder may free it at once.
+    _trace(core, "vfio_put_device", kref=(before, (before - 1) & 0xFFFFFFFF))
+    if not core.kref.put():
         return
     if core.state is State.REGISTERED:
         kernel.warn(f"vfio {core.name}: released while still registered: still on the group "
@@ -311,9 +316,10 @@ def vfio_device_put_registration(vdev: VfioDevice) -> None:
     """refcount_dec_and_test on the registration count; 1 -> 0 completes the unregister wait."""
     core = core_of(vdev, "vfio_device_put_registration")
     before = core.refcount.read()
+    # Trace first: once complete() runs, unregister may return and the driver free it all.
+    _trace(core, "put_registration", reg=(before, (before - 1) & 0xFFFFFFFF))
     if core.refcount.dec_and_test():
         core.comp.complete()
-    _trace(core, "put_registration", reg=(before, core.refcount.read()))
 
 
 def _register(vdev: VfioDevice, how: str) -> int:
@@ -324,17 +330,19 @@ def _register(vdev: VfioDevice, how: str) -> int:
         return -EINVAL
     if core.dev_set is None:
         vfio_assign_device_set(vdev, vdev)  # a singleton set; the return value is ignored
-    for other in kernel.devices:
-        if core_of(other, "group device list").dev is core.dev:
-            kernel.warn(f"WARNING: {core.dev.name if core.dev else '?'}: Device already exists "
-                        "on group")
-            return -EBUSY
+    with kernel.device_lock:
+        for other in kernel.devices:
+            if core_of(other, "group device list").dev is core.dev:
+                kernel.warn(f"WARNING: {core.dev.name if core.dev else '?'}: Device already "
+                            "exists on group")
+                return -EBUSY
     core.in_sysfs = True  # dev_set_name("vfio%d") + device_add(): pins the parent
     if core.dev is not None:
         core.dev.get_ref()
     before = core.refcount.read()
     core.refcount.set(1)  # refcounting can't start until the driver calls register
-    kernel.devices.append(vdev)
+    with kernel.device_lock:
+        kernel.devices.append(vdev)
     core.state = State.REGISTERED
     _trace(core, how, reg=(before, 1))
     return 0
@@ -351,8 +359,9 @@ def vfio_register_emulated_iommu_dev(vdev: VfioDevice) -> int:
 
 
 def _unlink(vdev: VfioDevice, core: Core) -> None:
-    if vdev in core.kernel.devices:
-        core.kernel.devices.remove(vdev)
+    with core.kernel.device_lock:
+        if vdev in core.kernel.devices:
+            core.kernel.devices.remove(vdev)
     _device_del(core)
     _trace(core, "unlink: group list, device_del")
 
@@ -406,7 +415,7 @@ def vfio_unregister_group_dev(vdev: VfioDevice) -> None:
 
 def _hang_report(vdev: VfioDevice, core: Core, waited: int) -> Any:
     kernel = core.kernel
-    files = [f for f in kernel.files if f.vdev is vdev]
+    files = [f for f in list(kernel.files) if f.vdev is vdev]
     count = core.refcount.read()
     holders = [f"  {f} opened by pid {f.pid}" for f in files]
     extra = count - len(files)
@@ -439,6 +448,15 @@ def _container_unregister(core: Core) -> None:
         return
     core.kernel.container_devices.discard(core.name)
     _trace(core, "container unregister")
+
+
+def _dev_set(core: Core, where: str) -> DeviceSet:
+    """vdev->dev_set, which register always assigns - unless its allocation failed, as
+    the kernel ignores: then the kernel dereferences NULL."""
+    if core.dev_set is None:
+        raise core.kernel.oops("BUG: kernel NULL pointer dereference, address: "
+                               "0000000000000000", f"RIP: {where} ({core.name}: dev_set is NULL)")
+    return core.dev_set
 
 
 def _close_device(vdev: VfioDevice, core: Core, last: bool) -> None:
@@ -477,15 +495,13 @@ class DeviceFile:
             self.closed = True
         self.kernel.files.discard(self)
         core = core_of(self.vdev, "vfio_device_fops_release")
-        dev_set = core.dev_set
-        assert dev_set is not None
-        with dev_set:
+        with _dev_set(core, "vfio_device_fops_release"):
             if core.open_count == 0:
                 self.kernel.warn("WARNING: vfio_device_fops_release: WARN_ON_ONCE("
                                  "device->open_count == 0)")
             else:
                 _close_device(self.vdev, core, last=core.open_count == 1)
-            core.open_count = max(0, core.open_count - 1)
+            core.open_count = (core.open_count - 1) & 0xFFFFFFFF  # unsigned, as in C
         _trace(core, "fd close")
         self.kernel.container_users -= 1  # vfio_device_unassign_container()
         vfio_device_put_registration(self.vdev)
@@ -493,25 +509,29 @@ class DeviceFile:
 
 def vfio_group_get_device_fd(kernel: Kernel, name: str) -> DeviceFile | int:
     """VFIO_GROUP_GET_DEVICE_FD: find a registered device by name and open it; FD or -errno."""
+    if not isinstance(kernel, Kernel):
+        raise InvalidArgumentError(f"vfio_group_get_device_fd: {kernel!r} is not a Kernel")
     found = None
-    for vdev in list(kernel.devices):
-        core = core_of(vdev, "vfio_group_get_device_fd")  # a freed device here is a UAF
-        match = getattr(core.ops, "match", None)
-        if match is not None:
-            ret = match(vdev, name)
-            if ret < 0:
-                return int(ret)
-            hit = ret > 0
-        else:
-            hit = core.dev is not None and core.dev.name == name
-        if hit and vfio_device_try_get_registration(vdev):
-            found = vdev
-            break
+    with kernel.device_lock:  # the walk and the try_get, as under group->device_lock
+        for vdev in kernel.devices:
+            core = core_of(vdev, "vfio_group_get_device_fd")  # a freed device here is a UAF
+            match = getattr(core.ops, "match", None)
+            if match is not None:
+                ret = match(vdev, name)
+                if type(ret) is not int:
+                    raise InvalidArgumentError(f"ops->match must return an int, not {ret!r}")
+                if ret < 0:
+                    return ret
+                hit = ret > 0
+            else:
+                hit = core.dev is not None and core.dev.name == name
+            if hit and vfio_device_try_get_registration(vdev):
+                found = vdev
+                break
     if found is None:
         return -ENODEV
     core = core_of(found, "vfio_device_open")
-    dev_set = core.dev_set
-    assert dev_set is not None
+    dev_set = _dev_set(core, "vfio_device_open")
     kernel.container_users += 1  # vfio_device_assign_container()
     with dev_set:
         core.open_count += 1
@@ -528,11 +548,10 @@ def vfio_group_get_device_fd(kernel: Kernel, name: str) -> DeviceFile | int:
     fail = kernel.should_fail_alloc()  # anon_inode_getfile() for the FD
     if fail:
         with dev_set:
-            if kernel.container_fix:
-                _close_device(found, core, last=core.open_count == 1)
-            elif getattr(core.ops, "close_device", None) is not None:
-                # The merge-window core: only drivers with close_device unregistered.
-                _close_device(found, core, last=core.open_count == 1)
+            # The merge-window core unregistered here only for drivers with close_device.
+            if core.open_count == 1 and (kernel.container_fix or getattr(
+                    core.ops, "close_device", None) is not None):
+                _close_device(found, core, last=True)
             core.open_count -= 1
         _trace(core, "fd creation failed", detail=f"ret {fail}")
         kernel.container_users -= 1

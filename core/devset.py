@@ -10,6 +10,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from vfio_emu.dmesg import capture_stack
+from vfio_emu.errors import InvalidArgumentError
 from vfio_emu.kernel import EINVAL, HangError
 from vfio_emu.memory import Tracked, kfree, kzalloc, mem_of
 
@@ -48,8 +49,7 @@ class DeviceSet(Tracked):
                 "WARN", "WARNING: possible recursive locking detected",
                 f"this task already holds &dev_set->lock of {self.describe()} and takes it "
                 "again: it would deadlock"))
-        if not self.lock.acquire(timeout=kernel.clock.jiffies_to_ns(
-                kernel.HZ * kernel.watchdog_s) / 1e9):
+        if not self.lock.acquire(timeout=kernel.lock_timeout_s()):
             raise HangError(kernel.report(
                 "hang", f"INFO: task python blocked for more than {kernel.watchdog_s} seconds.",
                 f"mutex_lock(&dev_set->lock) of {self.describe()}: held by thread "
@@ -74,14 +74,15 @@ def vfio_assign_device_set(vdev: VfioDevice, set_id: Any) -> int:
     if set_id is None:
         kernel.warn("WARNING: vfio_assign_device_set: set_id is NULL")
         return -EINVAL
-    dev_set = kernel.dev_sets.get(id(set_id))
-    if dev_set is None:
-        new = kzalloc(kernel, DeviceSet)
-        if isinstance(new, int):
-            return new  # -ENOMEM
-        new.set_id = set_id
-        dev_set = kernel.dev_sets[id(set_id)] = new
-    dev_set.device_count += 1
+    with kernel.xa_lock:  # lookup, create and count++ as one step, as under xa_lock
+        dev_set = kernel.dev_sets.get(id(set_id))
+        if dev_set is None:
+            new = kzalloc(kernel, DeviceSet)
+            if isinstance(new, int):
+                return new  # -ENOMEM
+            new.set_id = set_id
+            dev_set = kernel.dev_sets[id(set_id)] = new
+        dev_set.device_count += 1
     with dev_set:
         if vdev in dev_set.device_list:
             # What CONFIG_DEBUG_LIST says; without it the list silently corrupts.
@@ -106,16 +107,19 @@ def vfio_release_device_set(vdev: VfioDevice) -> None:
     with dev_set:
         if vdev in dev_set.device_list:
             dev_set.device_list.remove(vdev)
-    dev_set.device_count -= 1
-    if dev_set.device_count == 0:
-        core.kernel.dev_sets.pop(id(dev_set.set_id), None)
-        kfree(dev_set)
+    with core.kernel.xa_lock:  # count--, erase and free as one step
+        dev_set.device_count -= 1
+        if dev_set.device_count == 0:
+            core.kernel.dev_sets.pop(id(dev_set.set_id), None)
+            kfree(dev_set)
 
 
 def vfio_device_set_open_count(dev_set: DeviceSet) -> int:
     """Sum of the members' open_count; the caller must hold the set lock (lockdep checks)."""
     from vfio_emu.device import core_of
 
+    if not isinstance(dev_set, DeviceSet):
+        raise InvalidArgumentError(f"vfio_device_set_open_count: {dev_set!r} is not a set")
     if not dev_set.held():
         dev_set.kernel.warn("WARNING: lockdep_assert_held(&dev_set->lock) failed in "
                             "vfio_device_set_open_count")

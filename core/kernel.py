@@ -88,13 +88,15 @@ class Kernel:
                  delayed_release: bool = False, watchdog_s: int = 120, hz: int = 250,
                  time_scale: float = 1000.0, capacity: int = 4096,
                  arena: Arena | None = None, seed: int | None = None,
-                 container_fix: bool = True) -> None:
+                 container_fix: bool = True, lock_watchdog_s: float = 30.0) -> None:
         """semantics: "v6.1" or "v6.2".  delayed_release: DEBUG_KOBJECT_RELEASE.
         watchdog_s: emulated seconds any life-cycle wait may last before it is
         reported as a hang.  time_scale: how much faster than real time the
         emulated clock runs (10 s of unregister cadence take 10 ms at 1000).
         container_fix=False emulates the merge-window core before 7fdba0011157, whose
         container unregister on open failure and close was unbalanced.
+        lock_watchdog_s: real seconds a lock wait may take at least before it is reported
+        (threads really contend for locks, so their waits are not scaled).
         """
         if semantics not in SEMANTICS:
             raise InvalidArgumentError(f"semantics={semantics!r}: choose one of {SEMANTICS}")
@@ -107,6 +109,10 @@ class Kernel:
         self.unregister_order = unregister_order
         self.delayed_release = delayed_release
         self.watchdog_s = watchdog_s
+        if not isinstance(lock_watchdog_s, (int, float)) or not lock_watchdog_s > 0:
+            raise InvalidArgumentError(
+                f"lock_watchdog_s={lock_watchdog_s!r} must be a positive number of seconds")
+        self.lock_watchdog_s = float(lock_watchdog_s)
         self._own_arena = arena is None
         self.arena = arena if arena is not None else Arena.create(
             capacity=capacity, hz=hz, time_scale=time_scale)
@@ -118,6 +124,9 @@ class Kernel:
         self.dev_sets: dict[int, DeviceSet] = {}
         self.devices: list[VfioDevice] = []  # the group device list: findable by name
         self.mdevs: list[Any] = []  # mdev_list: every mdev device of every parent
+        self.xa_lock = threading.Lock()  # the device-set xarray's lock
+        self.device_lock = threading.RLock()  # group->device_lock: the group device list
+        self._parents: dict[str, Device] = {}
         self.container_fix = container_fix
         self.container_users = 1  # the group's own reference
         self.container_devices: set[str] = set()  # registered for dma_unmap notifications
@@ -158,10 +167,14 @@ class Kernel:
         self.close()
 
     def device(self, name: str) -> Device:
-        """A parent struct device for a driver to bind to (a PCI function, a subchannel)."""
+        """The parent struct device of that name (a PCI function, a subchannel): one per name."""
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"device name must be a non-empty str, not {name!r}")
-        return Device(self, name)
+        with self._lock:
+            dev = self._parents.get(name)
+            if dev is None:
+                dev = self._parents[name] = Device(self, name)
+        return dev
 
     @property
     def HZ(self) -> int:
@@ -222,6 +235,12 @@ class Kernel:
 
     # -- waits under the watchdog -------------------------------------------------
 
+    def lock_timeout_s(self) -> float:
+        """Real seconds a lock wait may last: the watchdog, but never less than
+        lock_watchdog_s, since contention between threads is real time, not emulated."""
+        return max(self.clock.jiffies_to_ns(self.HZ * self.watchdog_s) / 1e9,
+                   self.lock_watchdog_s)
+
     def wait_for_completion(self, comp: Any, what: str,
                             holders: Callable[[], list[str]] | None = None,
                             stacks: Callable[[], tuple[tuple[str, object], ...]] | None = None
@@ -229,6 +248,10 @@ class Kernel:
         """wait_for_completion() as a driver calls it (uninterruptible, no timeout) - but
         after watchdog_s emulated seconds, a hang report of what is waited for and who
         holds it, and HangError instead of waiting forever."""
+        from vfio_emu.completion import Completion
+
+        if not isinstance(comp, Completion):
+            raise InvalidArgumentError(f"wait_for_completion: {comp!r} is not a Completion")
         waited = 0
         while comp.wait_for_completion_timeout(self.HZ * 10) == 0:
             waited += 10

@@ -135,13 +135,22 @@ def put_device(dev: StructDevice) -> None:
         dev.holders.pop()
     if not dev.kref.put():
         return
+    kernel = dev.kernel
+    if kernel.delayed_release:  # DEBUG_KOBJECT_RELEASE: 1-4 s later, on a worker
+        delay = kernel.HZ + kernel.HZ * kernel.rng.randint(0, 3)
+        kernel.schedule_delayed(delay, lambda: _cleanup(dev), f"{dev.name or 'device'} release")
+    else:
+        _cleanup(dev)
+
+
+def _cleanup(dev: StructDevice) -> None:
+    """kobject_cleanup(): the release, then the name is freed."""
     dev.added = False
-    if dev.kname is not None:
-        kfree(dev.kname)
-        dev.kname = None
-    release = dev.release
+    kname, release = dev.kname, dev.release
     if release is None:
         dev.kernel.warn(f"Device '{dev.name}' does not have a release() function, it is broken "
                         "and must be fixed. See Documentation/core-api/kobject.rst.")
-        return
-    release(dev)
+    else:
+        release(dev)  # may free dev: nothing of it is touched afterwards
+    if kname is not None:
+        kfree(kname)

@@ -42,8 +42,7 @@ class RWSem:
 
     def down_write(self) -> None:
         kernel = self._kernel
-        limit = time.monotonic() + kernel.clock.jiffies_to_ns(
-            kernel.HZ * kernel.watchdog_s) / 1e9
+        limit = time.monotonic() + kernel.lock_timeout_s()
         with self._cond:
             while self._writer or self._readers:
                 if time.monotonic() >= limit:
@@ -132,12 +131,14 @@ def mdev_register_parent(parent: MdevParent, dev: Device, driver: Any,
 def mdev_unregister_parent(parent: MdevParent) -> None:
     """Remove every child mdev (each may block on its FDs) with unreg_sem held for write."""
     kernel = parent.kernel
+    if not isinstance(parent, MdevParent):
+        raise InvalidArgumentError(f"mdev_unregister_parent: {parent!r} is not an MdevParent")
     parent.unreg_sem.down_write()
     try:
-        for mdev in [m for m in kernel.mdevs if m.parent is parent]:
-            if mdev.active:
-                mdev.active = False
-                _remove(mdev)
+        # Every child still in the device tree, whatever its 'active' flag says.
+        for mdev in [m for m in kernel.mdevs if m.parent is parent and m.added]:
+            mdev.active = False
+            _remove(mdev)
     finally:
         parent.unreg_sem.up_write()
     parent.registered = False
@@ -184,8 +185,10 @@ def mdev_device_create(mtype: MdevType, uuid: str) -> MdevDevice | int:
         mdev_put_device(mdev)
         return -ENODEV
     try:
+        mdev.added = True  # device_add()
         ret = driver.probe(mdev)
         if ret:
+            mdev.added = False  # device_del()
             mdev_put_device(mdev)
             return int(ret)
         mdev.active = True
@@ -200,6 +203,7 @@ def mdev_device_create(mtype: MdevType, uuid: str) -> MdevDevice | int:
 def _remove(mdev: MdevDevice) -> None:
     """device_del (the driver's remove, which may block in unregister), then put_device."""
     assert mdev.parent is not None
+    mdev.added = False  # device_del(), whose bus remove calls the driver's remove
     mdev.parent.driver.remove(mdev)
     mdev.kernel.trace.record(mdev.kernel.jiffies(), mdev.uuid, "mdev_device_remove")
     mdev_put_device(mdev)

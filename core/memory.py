@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from vfio_emu.dmesg import Stack, caller_stack, capture_stack
-from vfio_emu.errors import InvalidArgumentError, UseAfterFreeError
+from vfio_emu.errors import DoubleFreeError, InvalidArgumentError, UseAfterFreeError
 
 if TYPE_CHECKING:
     from vfio_emu.kernel import Kernel
@@ -108,13 +108,17 @@ def kfree(obj: Tracked) -> None:
     mem = mem_of(obj) if isinstance(obj, Tracked) else None
     if mem is None:
         raise InvalidArgumentError(f"kfree: {obj!r} was not allocated by kzalloc()")
+    container = object.__getattribute__(obj, "__dict__").get("_kembedded_in")
+    if container is not None:
+        raise InvalidArgumentError(f"kfree: invalid-free of a {type(obj).__name__} embedded in "
+                                   f"{container}: free the container")
     if mem.freed:
         rep = mem.kernel.report(
             "double-free", f"BUG: KASAN: double-free in kfree of {mem.what}",
             stacks=(("Call Trace", caller_stack()),
                     (f"Allocated by task {mem.alloc_pid}", mem.alloc_stack),
                     (f"Freed by task {mem.free_pid}", mem.free_stack)))
-        raise _reported(UseAfterFreeError(str(rep)), rep)
+        raise _reported(DoubleFreeError(str(rep)), rep)
     object.__getattribute__(obj, "_kfree")()
     mem.freed = True
     mem.free_stack = capture_stack()
@@ -136,6 +140,8 @@ def embedded(container: Tracked, cls: type[_T]) -> _T:
     if mem.freed:
         use_after_free(container, f"&{type(container).__name__}->{cls.__name__}")
     obj = object.__new__(cls)
-    object.__getattribute__(obj, "__dict__")["_kmem"] = mem
+    d = object.__getattribute__(obj, "__dict__")
+    d["_kmem"] = mem
+    d["_kembedded_in"] = mem.what
     obj._kzalloc(mem.kernel)
     return obj
