@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a named scenario through the emulated VFIO life cycle. Exit status "
                     "1 if any report fired.",
         epilog="scenarios:\n" + "\n".join(
-            f"  {s.name:<24}{'(buggy) ' if s.buggy else ''}{s.doc}"
+            f"  {s.name:<24}{'buggy: ' if s.buggy else ''}{s.doc}"
             for s in SCENARIOS.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("scenario", choices=sorted(SCENARIOS), metavar="SCENARIO")

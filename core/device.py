@@ -223,6 +223,13 @@ def get_device(vdev: VfioDevice) -> VfioDevice:
     return vdev
 
 
+def holders_of(vdev: VfioDevice) -> list[str]:
+    """The get_device() callers still holding vdev, for a hang report (see
+    Kernel.wait_for_completion's holders)."""
+    core = core_of(vdev, "holders_of")
+    return [f"  get_device() by pid {pid}:\n{stack}" for pid, stack in core.holders]
+
+
 def put_device(vdev: VfioDevice) -> None:
     """put_device(&vdev->device): balances a get_device() (the driver's own reference
     goes with vfio_put_device(); the kernel does not tell the two apart, hang reports do)."""
@@ -571,6 +578,7 @@ __all__ = [
     "VfioDevice",
     "core_of",
     "get_device",
+    "holders_of",
     "kfree",
     "kvfree",
     "kzalloc",

@@ -270,7 +270,8 @@ class Kernel:
     def leak_check(self) -> list[Report]:
         """Every struct, index, device set and open FD still alive, as leak reports.
 
-        A pure check: it records nothing, so it can be asked any number of times.
+        It records nothing itself, so it can be asked any number of times; it first
+        waits for pending delayed releases, which may report what they find.
         """
         self.flush()
         found = [Report("leak", f"unreferenced object {mem.what}",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 class Report:
     """One finding, with the stacks that explain it (allocation, free, call trace)."""
 
-    kind: str  # "use-after-free", "double-free", "oops", "WARN", "hang", "leak"
+    kind: str  # "use-after-free", "double-free", "oops", "WARN", "hang", "leak", "info"
     title: str
     detail: str = ""
     stacks: tuple[tuple[str, str], ...] = ()

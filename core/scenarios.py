@@ -7,7 +7,6 @@ emulator reports.  Userspace is played by threads that open and close FDs.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,10 +31,14 @@ class PciDevice(VfioDevice):
 
 
 class Userspace:
-    """A VMM: answers the request op by closing its FD after `patience` requests."""
+    """A VMM: answers the request op by closing its FDs after `patience` requests; with
+    reopen_at, it first opens the device once more on that request."""
 
-    def __init__(self, patience: int = 0) -> None:
+    def __init__(self, patience: int = 0, reopen_at: int | None = None,
+                 kernel: Kernel | None = None) -> None:
         self.patience = patience
+        self.reopen_at = reopen_at
+        self.kernel = kernel
         self.fds: list[DeviceFile] = []
         self.requests: list[int] = []
 
@@ -47,6 +50,8 @@ class Userspace:
 
     def on_request(self, count: int) -> None:
         self.requests.append(count)
+        if count == self.reopen_at and self.kernel is not None:
+            self.open(self.kernel)  # a new FD while unregister waits
         if count >= self.patience:
             while self.fds:
                 self.fds.pop().close()
@@ -119,21 +124,11 @@ def remove_with_open_fd(kernel: Kernel) -> None:
 def open_during_unregister(kernel: Kernel) -> None:
     """While unregister waits, userspace opens the device again (bug class 13 in v6.1
     order: the new FD extends the wait; with unlink-first the open fails)."""
-    user = Userspace(patience=1)
+    user = Userspace(patience=1, reopen_at=0, kernel=kernel)
     vdev = probe(kernel, PciOps(kernel, user))
     assert not isinstance(vdev, int)
     user.open(kernel)
-    reopened = threading.Event()
-
-    def reopen() -> None:
-        threading.Event().wait(kernel.clock.jiffies_to_ns(kernel.HZ * 5) / 1e9)
-        user.open(kernel)
-        reopened.set()
-
-    t = threading.Thread(target=reopen)
-    t.start()
     remove(vdev)
-    t.join()
 
 
 def delayed_release(kernel: Kernel) -> None:
@@ -163,8 +158,8 @@ class Shared(Tracked):
 
 
 def assume_sync_release(kernel: Kernel) -> None:
-    """BUGGY (class 10): frees state right after the final put, assuming release already
-    ran; with --delayed-release the release then writes freed memory."""
+    """Frees state right after the final put, assuming release already ran (class 10):
+    with --delayed-release the release then writes freed memory."""
     shared = kzalloc(kernel, Shared)
     assert not isinstance(shared, int)
 
@@ -181,7 +176,7 @@ def assume_sync_release(kernel: Kernel) -> None:
 
 
 def uaf_after_put(kernel: Kernel) -> None:
-    """BUGGY (class 1): remove touches its struct after the final put."""
+    """Remove touches its struct after the final put (class 1)."""
     vdev = probe(kernel, PciOps(kernel))
     assert not isinstance(vdev, int)
     vdev.list_node = "on the driver's list"
@@ -191,7 +186,7 @@ def uaf_after_put(kernel: Kernel) -> None:
 
 
 def fd_held_forever(kernel: Kernel) -> None:
-    """BUGGY (class 11): userspace keeps its FD and ignores every request: the watchdog
+    """Userspace keeps its FD and ignores every request (class 11): the watchdog
     reports the hang and who holds the device."""
     user = Userspace(patience=10**9)
     vdev = probe(kernel, PciOps(kernel, user))
@@ -201,7 +196,7 @@ def fd_held_forever(kernel: Kernel) -> None:
 
 
 def missing_release(kernel: Kernel) -> None:
-    """BUGGY in v6.1 (class 6): no ops->release; the last put dereferences NULL."""
+    """No ops->release (class 6): in v6.1 the last put dereferences NULL."""
 
     class Ops(PciOps):
         release = None  # type: ignore[assignment]
@@ -220,7 +215,9 @@ class Scenario:
 
     @property
     def doc(self) -> str:
-        return (self.run.__doc__ or "").split("\n")[0]
+        """The docstring's first sentence, on one line."""
+        text = " ".join((self.run.__doc__ or "").split())
+        return text.split(". ")[0].rstrip(".") + "."
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (

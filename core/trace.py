@@ -1,7 +1,8 @@
 """The trace: every life-cycle transition as an event, printable as a timeline.
 
-Events are recorded only on transitions (alloc, register, open, close,
-unregister steps, put, release ...), never on the kref get/put fast path.
+Events are recorded only on life-cycle transitions (alloc, register, open,
+close, unregister steps, get_device/put, release ...), never by the
+primitives: a Kref.get()/put() on its own stays one C call.
 """
 
 from __future__ import annotations

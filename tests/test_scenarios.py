@@ -8,7 +8,6 @@ import json
 import pytest
 
 from vfio_emu.cli import main
-from vfio_emu.kernel import Kernel
 from vfio_emu.scenarios import SCENARIOS
 
 GOOD = [s.name for s in SCENARIOS.values() if not s.buggy]
@@ -86,10 +85,3 @@ def test_run_prints_a_timeline_and_the_reports(capsys):
     out = capsys.readouterr().out
     assert "vfio_register_group_dev" in out and "BUG: kernel NULL pointer dereference" in out
     assert out.rstrip().endswith("2 report(s): leak, oops")
-
-
-def test_kernel_refuses_unknown_semantics():
-    from vfio_emu.errors import InvalidArgumentError
-
-    with pytest.raises(InvalidArgumentError):
-        Kernel(semantics="v5.19")
