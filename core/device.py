@@ -163,7 +163,7 @@ def vfio_alloc_device(cls: type[_V], dev: Device, ops: Any) -> _V | int:
     vdev = kzalloc(kernel, cls)
     if isinstance(vdev, int):
         return vdev  # -ENOMEM
-    ret = vfio_init_device(vdev, dev, ops)
+    ret = _init_device(vdev, dev, ops)
     if ret:
         kvfree(vdev)
         return ret
@@ -173,8 +173,18 @@ def vfio_alloc_device(cls: type[_V], dev: Device, ops: Any) -> _V | int:
 def vfio_init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
     """Index, completion, ops->init, then device_initialize (kref = 1); 0 or -errno.
 
-    If ops->init fails, release is not called: init must undo its own work.
+    v6.1 exports it for vfio-ccw, whose struct outlives the vfio_device; v6.2 made it
+    static (d1104f9327df).  If ops->init fails, release is not called: init must undo
+    its own work.
     """
+    core = core_of(vdev, "vfio_init_device")
+    if core.kernel.semantics != "v6.1":
+        raise EmulatorError("vfio_init_device() is static in v6.2: drivers use "
+                            "vfio_alloc_device()")
+    return _init_device(vdev, dev, ops)
+
+
+def _init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
     core = core_of(vdev, "vfio_init_device")
     if not isinstance(dev, Device) or dev.kernel is not core.kernel:
         raise InvalidArgumentError(f"vfio_init_device: {dev!r} is not a device of this kernel")
@@ -251,7 +261,7 @@ def vfio_put_device(vdev: VfioDevice) -> None:
     _trace(core, "vfio_put_device", kref=(before, (before - 1) & 0xFFFFFFFF))
     if not core.kref.put():
         return
-    if core.state is State.REGISTERED:
+    if core.state in (State.REGISTERED, State.UNREGISTERING):
         kernel.warn(f"vfio {core.name}: released while still registered: still on the group "
                     "device list and in sysfs, reachable by every open FD")
     if kernel.delayed_release:
@@ -432,7 +442,7 @@ def _hang_report(vdev: VfioDevice, core: Core, waited: int) -> Any:
         holders.append(f"  {extra} registration reference(s) held without an open FD "
                        "(vfio_device_try_get_registration() callers)")
     return kernel.report(
-        "hang", f"INFO: task python:{os.getpid()} blocked for more than {waited} seconds.",
+        "hang", kernel.hung_task(waited),
         f"vfio_unregister_group_dev({core.name}) waits for the registration count to reach 0; "
         f"it is {count if count < 1 << 31 else 'saturated'}. Holders:\n"
         + ("\n".join(holders) or "  none found"),
@@ -510,7 +520,10 @@ class DeviceFile:
                 _close_device(self.vdev, core, last=core.open_count == 1)
             core.open_count = (core.open_count - 1) & 0xFFFFFFFF  # unsigned, as in C
         _trace(core, "fd close")
-        self.kernel.container_users -= 1  # vfio_device_unassign_container()
+        if self.kernel.container_users <= 1:  # vfio_device_unassign_container()
+            self.kernel.warn("WARNING: vfio_device_unassign_container: "
+                             "WARN_ON(group->container_users <= 1)")
+        self.kernel.container_users -= 1
         vfio_device_put_registration(self.vdev)
 
 

@@ -51,7 +51,7 @@ class DeviceSet(Tracked):
                 "again: it would deadlock"))
         if not self.lock.acquire(timeout=kernel.lock_timeout_s()):
             raise HangError(kernel.report(
-                "hang", f"INFO: task python blocked for more than {kernel.watchdog_s} seconds.",
+                "hang", kernel.hung_task(kernel.lock_timeout_s()),
                 f"mutex_lock(&dev_set->lock) of {self.describe()}: held by thread "
                 f"{self.lock_owner}"))
         self.lock_owner = threading.get_ident()

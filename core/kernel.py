@@ -43,20 +43,20 @@ SEMANTICS = ("v6.1", "v6.2")
 UNREGISTER_ORDERS = ("v6.1", "unlink-first")
 
 
-class KernelOops(EmulatorError):
-    """The emulated kernel crashed (e.g. a NULL pointer dereference); see its report."""
+class ReportedError(EmulatorError):
+    """An error that stands for a report already recorded (its .report)."""
 
     def __init__(self, report: Report) -> None:
         super().__init__(str(report))
         self.report = report
 
 
-class HangError(EmulatorError):
-    """The watchdog ended a wait that would never finish; see its report."""
+class KernelOops(ReportedError):
+    """The emulated kernel crashed (e.g. a NULL pointer dereference)."""
 
-    def __init__(self, report: Report) -> None:
-        super().__init__(str(report))
-        self.report = report
+
+class HangError(ReportedError):
+    """The watchdog ended a wait that would never finish."""
 
 
 class Device:
@@ -227,11 +227,19 @@ class Kernel:
         t.start()
 
     def flush(self, timeout_s: float = 60.0) -> None:
-        """flush_scheduled_work(): wait for every delayed release queued so far."""
-        with self._lock:
-            workers, self._workers = self._workers, []
-        for t in workers:
-            t.join(timeout_s)
+        """flush_scheduled_work(): wait for every delayed release, including those that
+        delayed releases queue themselves."""
+        while True:
+            with self._lock:
+                workers, self._workers = self._workers, []
+            if not workers:
+                return
+            for t in workers:
+                t.join(timeout_s)
+
+    def hung_task(self, seconds: float) -> str:
+        """The hung-task detector's first line."""
+        return f"INFO: task python:{os.getpid()} blocked for more than {seconds:g} seconds."
 
     # -- waits under the watchdog -------------------------------------------------
 
@@ -258,8 +266,7 @@ class Kernel:
             if waited >= self.watchdog_s:
                 who = holders() if holders is not None else []
                 raise HangError(self.report(
-                    "hang", f"INFO: task python:{os.getpid()} blocked for more than {waited} "
-                    "seconds.",
+                    "hang", self.hung_task(waited),
                     f"wait_for_completion({what}): nobody has completed it. Holders:\n"
                     + ("\n".join(who) or "  none known"),
                     (*(stacks() if stacks is not None else ()),

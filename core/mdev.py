@@ -47,8 +47,8 @@ class RWSem:
             while self._writer or self._readers:
                 if time.monotonic() >= limit:
                     raise HangError(kernel.report(
-                        "hang", f"INFO: task python blocked for more than {kernel.watchdog_s} "
-                        "seconds.", f"down_write(&parent->unreg_sem): {self._readers} "
+                        "hang", kernel.hung_task(kernel.lock_timeout_s()),
+                        f"down_write(&parent->unreg_sem): {self._readers} "
                         f"reader(s){' and a writer' if self._writer else ''} hold it"))
                 self._cond.wait(0.02)  # bounded, so signal handlers run
             self._writer = True
