@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from vfio_emu.dmesg import capture_stack
 from vfio_emu.errors import InvalidArgumentError
 from vfio_emu.kernel import EINVAL, HangError
 from vfio_emu.memory import Tracked, kfree, kzalloc, mem_of
@@ -32,7 +31,6 @@ class DeviceSet(Tracked):
         self.lock_owner: int | None = None
         self.device_list: list[VfioDevice] = []
         self.device_count = 0
-        self.alloc_stack = capture_stack()
         mem = mem_of(self)
         assert mem is not None
         mem.is_device_set = True  # type: ignore[attr-defined]  # listed as a set by leak_check

@@ -35,7 +35,7 @@ class Stack(tuple):  # type: ignore[type-arg]
         return "".join(summary.format())
 
 
-def capture_stack(limit: int = 32) -> Stack:
+def capture_stack(limit: int = 16) -> Stack:
     """The stack of the code that called into the emulator, cheaply (format it later)."""
     frame: Any = sys._getframe(1)
     while frame is not None and frame.f_globals.get("__name__") in _INTERNAL:

@@ -113,10 +113,13 @@ class Kernel:
             raise InvalidArgumentError(
                 f"lock_watchdog_s={lock_watchdog_s!r} must be a positive number of seconds")
         self.lock_watchdog_s = float(lock_watchdog_s)
+        self._lock_timeout_s = 0.0  # set once the clock exists, below
         self._own_arena = arena is None
         self.arena = arena if arena is not None else Arena.create(
             capacity=capacity, hz=hz, time_scale=time_scale)
         self.clock = self.arena.clock
+        self._lock_timeout_s = max(
+            self.clock.jiffies_to_ns(self.HZ * watchdog_s) / 1e9, self.lock_watchdog_s)
         self.trace = Trace()
         self.reports: list[Report] = []
         self.rng = random.Random(seed)
@@ -246,8 +249,7 @@ class Kernel:
     def lock_timeout_s(self) -> float:
         """Real seconds a lock wait may last: the watchdog, but never less than
         lock_watchdog_s, since contention between threads is real time, not emulated."""
-        return max(self.clock.jiffies_to_ns(self.HZ * self.watchdog_s) / 1e9,
-                   self.lock_watchdog_s)
+        return self._lock_timeout_s
 
     def wait_for_completion(self, comp: Any, what: str,
                             holders: Callable[[], list[str]] | None = None,
@@ -280,6 +282,8 @@ class Kernel:
         It records nothing itself, so it can be asked any number of times; it first
         waits for pending delayed releases, which may report what they find.
         """
+        from vfio_emu.memory import mem_of
+
         self.flush()
         found = [Report("leak", f"unreferenced object {mem.what}",
                         "memory allocated and never freed",
@@ -291,7 +295,8 @@ class Kernel:
                   for index, stack in sorted(self.ida.items())]
         found += [Report("leak", f"vfio_device_set {dev_set.describe()} still alive with "
                          f"device_count {dev_set.device_count}",
-                         stacks=(("allocated by", str(dev_set.alloc_stack)),))
+                         stacks=(("allocated by", str(getattr(mem_of(dev_set), "alloc_stack",
+                                                              ""))),))
                   for dev_set in list(self.dev_sets.values())]
         found += [Report("leak", f"{f} was never closed", stacks=(("opened by",
                                                                    str(f.open_stack)),))
