@@ -75,6 +75,8 @@ TARGETS = (
     Target("Kref get+put pair / Lock counter pair", "kref_pair", "lock_pair", 1 / 3),
     Target("batch N=100 / pure-C loop (per pair)", "kref_pairs_100", "kref_pairs_c", 1.3),
     Target("batch N=1000 / pure-C loop (per pair)", "kref_pairs_1000", "kref_pairs_c", 1.3),
+    Target("per-driver release dispatch / direct pluggy call", "release_dispatch",
+           "pluggy_direct", 1.3),
 )
 
 _ROWS = pytest.StashKey[list[Row]]()

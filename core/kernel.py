@@ -130,6 +130,7 @@ class Kernel:
         self.xa_lock = threading.Lock()  # the device-set xarray's lock
         self.device_lock = threading.RLock()  # group->device_lock: the group device list
         self._parents: dict[str, Device] = {}
+        self.module_data: dict[str, Any] = {}  # a driver module's globals, per kernel
         self.container_fix = container_fix
         self.container_users = 1  # the group's own reference
         self.container_devices: set[str] = set()  # registered for dma_unmap notifications
@@ -138,19 +139,25 @@ class Kernel:
         self._workers: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._fail_allocs = 0
+        self._fail_skip = 0
 
     # -- fault injection ----------------------------------------------------------
 
-    def fail_next_allocs(self, n: int = 1) -> None:
-        """failslab: make the next n kzalloc() calls fail with -ENOMEM."""
-        if type(n) is not int or n < 0:
-            raise InvalidArgumentError(f"n={n!r} must be a non-negative int")
-        self._fail_allocs = n
+    def fail_next_allocs(self, n: int = 1, skip: int = 0) -> None:
+        """failslab: let `skip` allocations through, then make the next n fail (-ENOMEM)."""
+        for what, value in (("n", n), ("skip", skip)):
+            if type(value) is not int or value < 0:
+                raise InvalidArgumentError(f"{what}={value!r} must be a non-negative int")
+        with self._lock:
+            self._fail_allocs, self._fail_skip = n, skip
 
     def should_fail_alloc(self) -> int:
         """0, or -ENOMEM if an injected allocation failure is due."""
         with self._lock:
             if self._fail_allocs > 0:
+                if self._fail_skip > 0:
+                    self._fail_skip -= 1
+                    return 0
                 self._fail_allocs -= 1
                 return -ENOMEM
         return 0

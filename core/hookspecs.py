@@ -1,0 +1,78 @@
+"""The hooks a driver plugin implements: struct vfio_device_ops and the driver's entry points.
+
+Hook names are the kernel's.  A plugin that implements `probe` is a driver;
+any other plugin is an observer, whose hookimpls (usually `wrapper=True`) see
+every driver's calls.  Each driver's ops reach only that driver's hookimpls,
+plus the observers' (see vfio_emu.plugin_manager).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from vfio_emu.device import VfioDevice
+    from vfio_emu.kernel import Device, Kernel
+
+PROJECT = "vfio_emu"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -- struct vfio_device_ops ------------------------------------------------------
+
+@hookspec(firstresult=True)
+def init(vdev: VfioDevice) -> int:  # type: ignore[empty-body]
+    """ops->init: once, inside vfio_init_device, before the kobject exists.  0 or -errno;
+    on failure release is NOT called, so init undoes its own partial work."""
+
+
+@hookspec
+def release(vdev: VfioDevice) -> None:
+    """ops->release: once, when the object count reaches 0 (v6.1: mandatory, and it must
+    end with vfio_free_device(); v6.2: optional, the core frees)."""
+
+
+@hookspec(firstresult=True)
+def open_device(vdev: VfioDevice) -> int:  # type: ignore[empty-body]
+    """ops->open_device: open_count 0 -> 1, under the device set lock.  0 or -errno."""
+
+
+@hookspec
+def close_device(vdev: VfioDevice) -> None:
+    """ops->close_device: the last close, open_count still 1, under the device set lock."""
+
+
+@hookspec
+def request(vdev: VfioDevice, count: int) -> None:
+    """ops->request: unregister asks userspace to let go, count = 0, 1, 2... every 10 s."""
+
+
+@hookspec(firstresult=True)
+def match(vdev: VfioDevice, buf: str) -> int:  # type: ignore[empty-body]
+    """ops->match: VFIO_GROUP_GET_DEVICE_FD's name lookup: <0 abort, 0 no, >0 yes."""
+
+
+# -- the driver's own entry points ------------------------------------------------------
+
+@hookspec
+def driver_init(kernel: Kernel, driver: Any) -> None:
+    """module_init(): e.g. mtty registers its mdev parent.  driver is the plugin's
+    vfio_emu.plugin_manager.Driver: its ops and an mdev driver adapter."""
+
+
+@hookspec
+def driver_exit(kernel: Kernel, driver: Any) -> None:
+    """module_exit()."""
+
+
+@hookspec(firstresult=True)
+def probe(kernel: Kernel, driver: Any, dev: Device) -> int:  # type: ignore[empty-body]
+    """The driver's probe for a device (a PCI function, an mdev): 0 or -errno."""
+
+
+@hookspec
+def remove(kernel: Kernel, driver: Any, dev: Device) -> None:
+    """The driver's remove: unregister (which may block), then put."""

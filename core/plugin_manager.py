@@ -1,0 +1,225 @@
+"""Driver plugins: loading, validation, and per-driver dispatch of the ops hooks.
+
+Per-driver dispatch: when the set of plugins changes, every driver gets a
+small pluggy PluginManager of its own holding just that driver and the
+observers (tracer, fault injector, ...).  Its hook callers are plain ones,
+so a call for device D reaches D's driver and the observers, never another
+driver, and nothing is filtered per call.  (pluggy's subset_hook_caller
+filters its implementations on every call: 1.5x a direct call, measured.)
+The DriverOps object built from those callers is what the device model holds
+as vdev->ops: it has exactly the ops the driver implements, so a missing
+ops->release is still the v6.1 NULL dereference it would be.
+
+Loading: built-in drivers by module name, third-party ones from the
+entry-point group "vfio_emu.drivers", then check_pending().  The environment
+variable VFIO_EMU_PLUGINS restricts which plugins load (a comma-separated
+allow-list of names); VFIO_EMU_TRACE_HOOKS=1 prints every hook call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pluggy
+
+from vfio_emu import hookspecs
+from vfio_emu.errors import EmulatorError, InvalidArgumentError
+from vfio_emu.kernel import Device, Kernel
+
+ENTRY_POINT_GROUP = "vfio_emu.drivers"
+ALLOW_ENV = "VFIO_EMU_PLUGINS"
+TRACE_ENV = "VFIO_EMU_TRACE_HOOKS"
+#: Built-in drivers and observers, by module name; the last dotted part is the plugin name.
+BUILTINS: tuple[str, ...] = ("vfio_emu.plugins.mtty",)
+#: vfio_device_ops members, with the arguments the device model passes.
+OPS: dict[str, tuple[str, ...]] = {
+    "init": ("vdev",), "release": ("vdev",), "open_device": ("vdev",),
+    "close_device": ("vdev",), "request": ("vdev", "count"), "match": ("vdev", "buf"),
+}
+
+
+class PluginError(EmulatorError):
+    """A plugin could not be loaded or does not fit the hook specifications."""
+
+
+def _implements(hook: Any, plugin: object) -> bool:
+    return any(impl.plugin is plugin for impl in hook.get_hookimpls())
+
+
+def _bind(caller: Any, args: tuple[str, ...]) -> Callable[..., Any]:
+    """The op as the device model calls it: positional, as in C."""
+    if args == ("vdev",):
+        return lambda vdev: caller(vdev=vdev)
+    return lambda vdev, arg: caller(**{"vdev": vdev, args[1]: arg})
+
+
+class DriverOps:
+    """struct vfio_device_ops of one driver: one attribute per op the driver implements."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        ops = [op for op in OPS if getattr(self, op, None) is not None]
+        return f"<DriverOps {self.name}: {', '.join(ops)}>"
+
+
+class MdevDriverAdapter:
+    """What mdev_register_parent() wants (probe, remove, max_instances, get_available),
+    dispatching to one driver's probe/remove hooks."""
+
+    def __init__(self, driver: Driver, kernel: Kernel, max_instances: int = 0,
+                 get_available: Callable[[Any], int] | None = None) -> None:
+        self._driver, self._kernel = driver, kernel
+        self.max_instances = max_instances
+        if get_available is not None:
+            self.get_available = get_available
+
+    def probe(self, mdev: Device) -> int:
+        return self._driver.probe(self._kernel, mdev)
+
+    def remove(self, mdev: Device) -> None:
+        self._driver.remove(self._kernel, mdev)
+
+
+class Driver:
+    """One loaded driver plugin: its name, its ops, and its entry points."""
+
+    def __init__(self, name: str, plugin: object, ops: DriverOps,
+                 callers: dict[str, Any]) -> None:
+        self.name = name
+        self.plugin = plugin
+        self.ops = ops
+        self._callers = callers
+
+    def __repr__(self) -> str:
+        return f"<Driver {self.name}>"
+
+    def init_module(self, kernel: Kernel) -> None:
+        """module_init()."""
+        self._callers["driver_init"](kernel=kernel, driver=self)
+
+    def exit_module(self, kernel: Kernel) -> None:
+        """module_exit()."""
+        self._callers["driver_exit"](kernel=kernel, driver=self)
+
+    def probe(self, kernel: Kernel, dev: Device) -> int:
+        ret = self._callers["probe"](kernel=kernel, driver=self, dev=dev)
+        if type(ret) is not int:
+            raise PluginError(f"driver '{self.name}': probe() must return 0 or -errno, "
+                              f"not {ret!r}")
+        return ret
+
+    def remove(self, kernel: Kernel, dev: Device) -> None:
+        self._callers["remove"](kernel=kernel, driver=self, dev=dev)
+
+    def mdev_driver(self, kernel: Kernel, max_instances: int = 0,
+                    get_available: Callable[[Any], int] | None = None) -> MdevDriverAdapter:
+        """An mdev driver for mdev_register_parent() whose probe/remove are this driver's."""
+        return MdevDriverAdapter(self, kernel, max_instances, get_available)
+
+
+class Plugins:
+    """The plugin manager of one emulation: drivers and observers, nothing global."""
+
+    def __init__(self, *, builtins: Iterable[str] = BUILTINS, load_entrypoints: bool = True,
+                 allow: Iterable[str] | None = None, trace: bool | None = None) -> None:
+        """allow: the plugin names that may load (default: $VFIO_EMU_PLUGINS, or all).
+        trace: print every hook call (default: $VFIO_EMU_TRACE_HOOKS)."""
+        if allow is None and os.environ.get(ALLOW_ENV):
+            allow = [n.strip() for n in os.environ[ALLOW_ENV].split(",") if n.strip()]
+        self._allow = None if allow is None else frozenset(allow)
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.drivers: dict[str, Driver] = {}
+        for module_name in builtins:
+            name = module_name.rsplit(".", 1)[-1]
+            if self._allowed(name):
+                self._register(importlib.import_module(module_name), name, rebuild=False)
+        if load_entrypoints:
+            self._load_entrypoints()
+        self._check_pending()
+        self._trace = (trace if trace is not None
+                       else os.environ.get(TRACE_ENV) not in (None, "", "0"))
+        self._rebuild()
+
+    def _allowed(self, name: str) -> bool:
+        return self._allow is None or name in self._allow
+
+    def _load_entrypoints(self) -> None:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if not self._allowed(ep.name) or self.pm.has_plugin(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as e:
+                raise PluginError(f"plugin '{ep.name}' ({ep.value}) failed to load: "
+                                  f"{type(e).__name__}: {e}") from e
+            self._register(plugin, ep.name, rebuild=False)
+
+    def _check_pending(self) -> None:
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as e:
+            raise PluginError(f"plugin '{self.pm.get_name(e.plugin)}': {e}") from e
+
+    def _register(self, plugin: object, name: str, rebuild: bool = True) -> None:
+        try:
+            self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as e:
+            raise PluginError(f"plugin '{name}': {e}") from e
+        except ValueError as e:  # a name or an object registered twice
+            raise PluginError(f"plugin '{name}': {e}") from e
+        if rebuild:
+            self._check_pending()
+            self._rebuild()
+
+    def register(self, plugin: object, name: str) -> None:
+        """Add a driver or an observer (e.g. a test's fault injector) by hand."""
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError(f"plugin name must be a non-empty str, not {name!r}")
+        self._register(plugin, name)
+
+    def unregister(self, name: str) -> None:
+        plugin = self.pm.get_plugin(name)
+        if plugin is None:
+            raise InvalidArgumentError(f"no plugin named '{name}'")
+        self.pm.unregister(plugin)
+        self._rebuild()
+
+    def driver(self, name: str) -> Driver:
+        try:
+            return self.drivers[name]
+        except KeyError:
+            raise InvalidArgumentError(
+                f"no driver named '{name}' (loaded: {', '.join(sorted(self.drivers)) or 'none'})"
+            ) from None
+
+    def _rebuild(self) -> None:
+        """Give every driver its own manager (it + the observers): once per change."""
+        hook = self.pm.hook
+        plugins = [(name, p) for name, p in self.pm.list_name_plugin() if p is not None]
+        drivers = [(name, p) for name, p in plugins if _implements(hook.probe, p)]
+        observers = [(name, p) for name, p in plugins if not _implements(hook.probe, p)]
+        self.drivers = {}
+        for name, plugin in drivers:
+            own = pluggy.PluginManager(hookspecs.PROJECT)
+            own.add_hookspecs(hookspecs)
+            for plugin_name, p in [(name, plugin), *observers]:
+                own.register(p, name=plugin_name)
+            if self._trace:
+                own.trace.root.setwriter(sys.stderr.write)
+                own.enable_tracing()
+            callers = {h: getattr(own.hook, h)
+                       for h in (*OPS, "driver_init", "driver_exit", "probe", "remove")}
+            ops = DriverOps(name)
+            for op, args in OPS.items():
+                if _implements(getattr(hook, op), plugin):
+                    setattr(ops, op, _bind(callers[op], args))
+            self.drivers[name] = Driver(name, plugin, ops, callers)
