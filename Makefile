@@ -1,5 +1,5 @@
 # Every target sets itself up: a fresh clone needs only python3 (>= 3.10), a C compiler and make.
-#   make run    the main job: the built-in checks with a readable report (for now: lkdtm refcount)
+#   make run    the main job: every driver through the life-cycle checks, then lkdtm refcount
 #   make test   the test suite (benchmarks run once each, untimed, as correctness checks)
 #   make bench  the benchmarks, timed, with the ratio table
 #   make lint   ruff and mypy
@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*.py)
 	touch $@
 
 run: $(STAMP)
+	$(BIN)/vfio-emu check
 	$(BIN)/vfio-emu lkdtm
 
 test: $(STAMP)

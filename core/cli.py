@@ -1,4 +1,4 @@
-"""The vfio-emu command line: `lkdtm` (the refcount misuse catalogue), `run` (a scenario)."""
+"""The vfio-emu command line: `check` (the drivers), `run` (a scenario), `lkdtm` (refcount)."""
 
 from __future__ import annotations
 
@@ -122,6 +122,59 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if findings else 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from vfio_emu.check import check_driver
+    from vfio_emu.plugin_manager import PluginError, Plugins
+
+    try:
+        plugins = Plugins()
+        names = args.driver or sorted(plugins.drivers)
+        drivers = [plugins.driver(n) for n in names]
+    except (PluginError, EmulatorError) as e:
+        print(f"vfio-emu check: {e}", file=sys.stderr)
+        return 2
+    if not drivers:
+        print("vfio-emu check: no driver is installed", file=sys.stderr)
+        return 2
+
+    def progress(what: str) -> None:
+        if not args.json:
+            print(f"  checking {what} ...", file=sys.stderr, flush=True)
+
+    results = {d.name: check_driver(d, semantics=args.semantics,
+                                    delayed_release=args.delayed_release, progress=progress)
+               for d in drivers}
+    failed = sum(1 for vs in results.values() for v in vs if not v.passed)
+    if args.json:
+        print(json.dumps({
+            "semantics": args.semantics, "delayed_release": args.delayed_release,
+            "drivers": {name: [{"scenario": v.scenario, "passed": v.passed, "error": v.error,
+                                "reports": [{"kind": r.kind, "title": r.title,
+                                             "detail": r.detail,
+                                             "stacks": [{"heading": h, "stack": st}
+                                                        for h, st in r.stacks]}
+                                            for r in v.reports]} for v in vs]
+                        for name, vs in results.items()},
+        }, indent=2))
+        return 1 if failed else 0
+    mode = args.semantics + (", delayed release" if args.delayed_release else "")
+    for name, vs in results.items():
+        print(f"driver {name} ({mode})")
+        width = max(len(v.scenario) for v in vs)
+        for v in vs:
+            why = v.error or "; ".join(f"{r.kind}: {r.title}" for r in v.reports)
+            print(f"  {v.scenario:<{width}}  {'ok' if v.passed else 'FAIL'}"
+                  + (f"  {why[:110]}" if why else ""))
+        for v in vs:
+            for r in v.reports:
+                print(f"\n[{name}: {v.scenario}]\n{r}")
+        print()
+    total = sum(len(vs) for vs in results.values())
+    print(f"check: {total - failed} of {total} scenario runs passed"
+          f" ({len(results)} driver{'s' if len(results) != 1 else ''})")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfio-emu", description="Emulate the Linux VFIO device life cycle in userspace.")
@@ -152,6 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=None, help="seed for the release delays")
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.set_defaults(func=cmd_run)
+    c = sub.add_parser(
+        "check", help="run every installed driver through the life-cycle checks",
+        description="Load the driver plugins and take each through the battery: life cycle, "
+                    "FD held during remove, open during unregister, repeated probe/remove, "
+                    "delayed release, and a failure injected at every probe allocation. "
+                    "Exit status 1 if any scenario reported something.")
+    c.add_argument("driver", nargs="*", help="only these drivers (default: all installed)")
+    c.add_argument("--semantics", choices=SEMANTICS, default="v6.1")
+    c.add_argument("--delayed-release", action="store_true",
+                   help="DEBUG_KOBJECT_RELEASE in every scenario")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=cmd_check)
     return parser
 
 

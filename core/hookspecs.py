@@ -76,3 +76,17 @@ def probe(kernel: Kernel, driver: Any, dev: Device) -> int:  # type: ignore[empt
 @hookspec
 def remove(kernel: Kernel, driver: Any, dev: Device) -> None:
     """The driver's remove: unregister (which may block), then put."""
+
+
+# -- how the checker makes a device of this driver appear and go --------------------
+
+@hookspec(firstresult=True)
+def check_bind(kernel: Kernel, driver: Any, name: str) -> Any:
+    """Make one device of this driver appear under `name` and bind it (e.g. a PCI function
+    that the driver probes, or an mdev created through sysfs): the bound device, or
+    -errno.  Userspace then opens it by that name."""
+
+
+@hookspec(firstresult=True)
+def check_unbind(kernel: Kernel, driver: Any, dev: Any) -> int:  # type: ignore[empty-body]
+    """Unbind and remove that device again (this blocks while FDs are open): 0 or -errno."""

@@ -140,6 +140,7 @@ class Kernel:
         self._lock = threading.Lock()
         self._fail_allocs = 0
         self._fail_skip = 0
+        self.alloc_attempts = 0
 
     # -- fault injection ----------------------------------------------------------
 
@@ -152,8 +153,10 @@ class Kernel:
             self._fail_allocs, self._fail_skip = n, skip
 
     def should_fail_alloc(self) -> int:
-        """0, or -ENOMEM if an injected allocation failure is due."""
+        """0, or -ENOMEM if an injected allocation failure is due (every call counts one
+        allocation in alloc_attempts, so a checker can fail each one in turn)."""
         with self._lock:
+            self.alloc_attempts += 1
             if self._fail_allocs > 0:
                 if self._fail_skip > 0:
                     self._fail_skip -= 1

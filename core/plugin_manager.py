@@ -117,6 +117,25 @@ class Driver:
     def remove(self, kernel: Kernel, dev: Device) -> None:
         self._callers["remove"](kernel=kernel, driver=self, dev=dev)
 
+    def bind(self, kernel: Kernel, name: str) -> Any:
+        """Make a device of this driver appear and bind it (check_bind): device or -errno."""
+        if not self._callers["check_bind"].get_hookimpls():
+            return self._bind_bus_device(kernel, name)
+        return self._callers["check_bind"](kernel=kernel, driver=self, name=name)
+
+    def unbind(self, kernel: Kernel, dev: Any) -> int:
+        """Unbind it again (check_unbind): 0 or -errno."""
+        if not self._callers["check_unbind"].get_hookimpls():
+            self.remove(kernel, dev)
+            return 0
+        return int(self._callers["check_unbind"](kernel=kernel, driver=self, dev=dev))
+
+    def _bind_bus_device(self, kernel: Kernel, name: str) -> Any:
+        """The default: a bus device of that name, probed by this driver."""
+        dev = kernel.device(name)
+        ret = self.probe(kernel, dev)
+        return ret if ret else dev
+
     def mdev_driver(self, kernel: Kernel, max_instances: int = 0,
                     get_available: Callable[[Any], int] | None = None) -> MdevDriverAdapter:
         """An mdev driver for mdev_register_parent() whose probe/remove are this driver's."""
@@ -216,8 +235,9 @@ class Plugins:
             if self._trace:
                 own.trace.root.setwriter(sys.stderr.write)
                 own.enable_tracing()
-            callers = {h: getattr(own.hook, h)
-                       for h in (*OPS, "driver_init", "driver_exit", "probe", "remove")}
+            callers = {h: getattr(own.hook, h) for h in (
+                *OPS, "driver_init", "driver_exit", "probe", "remove", "check_bind",
+                "check_unbind")}
             ops = DriverOps(name)
             for op, args in OPS.items():
                 if _implements(getattr(hook, op), plugin):

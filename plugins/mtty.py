@@ -27,6 +27,8 @@ from vfio_emu.mdev import (
     MdevDevice,
     MdevParent,
     MdevType,
+    mdev_device_create,
+    mdev_device_remove,
     mdev_register_parent,
     mdev_unregister_parent,
 )
@@ -133,6 +135,19 @@ def probe(kernel: Kernel, driver: Any, dev: MdevDevice) -> int:
         return ret
     dev.drvdata = vdev
     return 0
+
+
+@hookimpl
+def check_bind(kernel: Kernel, driver: Any, name: str) -> MdevDevice | int:
+    """An mdev of the first type, created through the parent's sysfs."""
+    g = _globals(kernel)
+    assert g.parent is not None
+    return mdev_device_create(g.parent.types[0], name)
+
+
+@hookimpl
+def check_unbind(kernel: Kernel, driver: Any, dev: MdevDevice) -> int:
+    return mdev_device_remove(dev)
 
 
 @hookimpl
