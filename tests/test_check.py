@@ -97,12 +97,20 @@ def checked(plugin, **options):
     return check_driver(p.driver("under-test"), **options)
 
 
+BUILTIN = sorted(Plugins(load_entrypoints=False).drivers)
+
+
+@pytest.mark.parametrize("name", BUILTIN)
 @pytest.mark.parametrize(("semantics", "delayed"), MODES)
-def test_the_builtin_mtty_passes_every_scenario(semantics, delayed):
-    mtty = Plugins(load_entrypoints=False).driver("mtty")
-    verdicts = check_driver(mtty, semantics=semantics, delayed_release=delayed)
+def test_every_builtin_driver_passes_every_scenario(name, semantics, delayed):
+    driver = Plugins(load_entrypoints=False).driver(name)
+    verdicts = check_driver(driver, semantics=semantics, delayed_release=delayed)
     assert [(v.scenario, v.error, v.reports) for v in verdicts if not v.passed] == []
     assert len(verdicts) >= 6
+
+
+def test_the_builtin_drivers_are_mtty_and_pci():
+    assert BUILTIN == ["mtty", "pci"]
 
 
 @pytest.mark.parametrize(("semantics", "delayed"), MODES)
@@ -133,7 +141,7 @@ def test_a_remove_without_the_final_put_fails_with_leaks():
 @pytest.fixture
 def only_builtins(monkeypatch):
     """The CLI loads entry points: keep whatever else is installed out of these tests."""
-    monkeypatch.setenv(ALLOW_ENV, "mtty")
+    monkeypatch.setenv(ALLOW_ENV, "mtty,pci")
 
 
 def test_check_cli_json_reports_each_driver(capsys, only_builtins):

@@ -1,0 +1,153 @@
+"""vfio-pci, as a plugin: vfio_pci.c and vfio_pci_core.c as converted to the life-cycle helpers.
+
+init allocates nothing (locks and lists only); release frees what was made later (the region
+array a variant driver may add, the saved power state) and, in v6.1, the device.  Probe:
+alloc, drvdata, then register_device - which picks the device set (the bus, here) and leaves
+its undo to release - then register; a failure puts.  open_device builds the region array,
+close_device frees it and resets the bus if no other device of the set is open (the set open
+count still counts the closing device, so "> 1" means "someone else").  request signals
+userspace's eventfd, or says once that nobody listens.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from vfio_emu.device import (
+    VfioDevice,
+    vfio_alloc_device,
+    vfio_free_device,
+    vfio_put_device,
+    vfio_register_group_dev,
+    vfio_unregister_group_dev,
+)
+from vfio_emu.devset import vfio_assign_device_set, vfio_device_set_open_count
+from vfio_emu.hookspecs import hookimpl
+from vfio_emu.kernel import EINVAL, Device, Kernel
+from vfio_emu.memory import Tracked, kfree, kzalloc
+
+#: vfio_pci_dev_in_denylist(): devices vfio-pci refuses to bind.
+DENYLIST = frozenset({"0000:00:1f.3"})
+
+
+class Regions(Tracked):
+    """vdev->region: the device regions built at open."""
+
+
+class VfioPciCoreDevice(VfioDevice):
+    """struct vfio_pci_core_device: the vfio_device first."""
+
+
+def bus_of(pdev: Device) -> str:
+    """The PCI bus of a device named domain:bus:slot.function."""
+    parts = pdev.name.split(":")
+    return ":".join(parts[:2]) if len(parts) >= 3 else "0000:00"
+
+
+def set_req_trigger(vdev: VfioPciCoreDevice, trigger: Callable[[int], object] | None) -> None:
+    """VFIO_DEVICE_SET_IRQS on the request index: userspace's eventfd (None: unset)."""
+    vdev.req_trigger = trigger
+
+
+@hookimpl
+def init(vdev: VfioPciCoreDevice) -> int:
+    """vfio_pci_core_init_dev: allocates nothing."""
+    vdev.pdev = vdev.dev
+    vdev.irq_type = "none"
+    vdev.igate = threading.Lock()
+    vdev.ioeventfds_lock = threading.Lock()
+    vdev.ioeventfds_list = []
+    vdev.region = None
+    vdev.pm_save = None
+    vdev.req_trigger = None
+    vdev.req_warned = False
+    vdev.resets = 0
+    return 0
+
+
+@hookimpl
+def release(vdev: VfioPciCoreDevice) -> None:
+    """vfio_pci_core_release_dev."""
+    if vdev.region is not None:
+        kfree(vdev.region)
+    if vdev.pm_save is not None:
+        kfree(vdev.pm_save)
+    if vdev.pdev.kernel.semantics == "v6.1":
+        vfio_free_device(vdev)
+
+
+@hookimpl
+def open_device(vdev: VfioPciCoreDevice) -> int:
+    """vfio_pci_core_enable: the regions are built here."""
+    region = kzalloc(vdev.pdev.kernel, Regions)
+    if isinstance(region, int):
+        return region
+    vdev.region = region
+    return 0
+
+
+@hookimpl
+def close_device(vdev: VfioPciCoreDevice) -> None:
+    """vfio_pci_core_disable, then the set-wide reset on the set's last close."""
+    if vdev.region is not None:
+        kfree(vdev.region)
+        vdev.region = None
+    dev_set = vdev.dev_set
+    assert dev_set is not None  # register always assigns one
+    if vfio_device_set_open_count(dev_set) > 1:
+        return  # another device of the set is open: no bus reset
+    vdev.resets += 1
+    vdev.pdev.kernel.trace.record(vdev.pdev.kernel.jiffies(), f"vfio{vdev.index}",
+                                  "pci bus reset", detail=bus_of(vdev.pdev))
+
+
+@hookimpl
+def request(vdev: VfioPciCoreDevice, count: int) -> None:
+    """vfio_pci_core_request."""
+    if vdev.req_trigger is not None:
+        vdev.req_trigger(count)
+    elif count == 0 and not vdev.req_warned:
+        vdev.req_warned = True
+        vdev.pdev.kernel.report("info", f"vfio-pci {vdev.pdev.name}: No device request channel "
+                                "registered, blocked until released by user")
+
+
+def _register_device(kernel: Kernel, vdev: VfioPciCoreDevice) -> int:
+    """vfio_pci_core_register_device: the set by bus; its undo is left to release."""
+    dev = vdev.dev
+    assert dev is not None
+    if dev.drvdata is not vdev:
+        kernel.warn("WARNING: vfio_pci_core_register_device: dev_get_drvdata(dev) != vdev")
+        return -EINVAL
+    ret = vfio_assign_device_set(vdev, kernel.device(f"pci-bus-{bus_of(dev)}"))
+    if ret:
+        return ret
+    return vfio_register_group_dev(vdev)
+
+
+@hookimpl
+def probe(kernel: Kernel, driver: Any, dev: Device) -> int:
+    """vfio_pci_probe."""
+    if dev.name in DENYLIST:
+        return -EINVAL
+    vdev = vfio_alloc_device(VfioPciCoreDevice, dev, driver.ops)
+    if isinstance(vdev, int):
+        return vdev
+    dev.drvdata = vdev
+    ret = _register_device(kernel, vdev)
+    if ret:
+        dev.drvdata = None
+        vfio_put_device(vdev)
+        return ret
+    return 0
+
+
+@hookimpl
+def remove(kernel: Kernel, driver: Any, dev: Device) -> None:
+    """vfio_pci_remove: unregister, then the driver's put."""
+    vdev = dev.drvdata
+    vfio_unregister_group_dev(vdev)
+    dev.drvdata = None
+    vfio_put_device(vdev)
