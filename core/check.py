@@ -30,6 +30,10 @@ NAME = "vfio-emu-check-0"
 REPEATS = 10
 #: Emulated seconds userspace keeps its FD after unregister started waiting.
 HOLD_S = 25
+#: Allocations of the kernel's own that are not injected: mdev_device_create() leaks the
+#: instance it took when its allocation fails (as written upstream; bug class 29), which
+#: is no driver's doing.
+CORE_OWN = frozenset({"MdevDevice"})
 
 
 @dataclass
@@ -150,25 +154,38 @@ def _run(driver: Driver, name: str, body: Callable[[Driver, Kernel], None],
         with _kernel(driver, **options) as kernel:
             try:
                 body(driver, kernel)
-            except EmulatorError as e:
+            except Exception as e:  # a driver's own bug is a verdict, not a crash
                 if getattr(e, "report", None) is None:
-                    verdict.error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                    verdict.error = _describe(e)
             return _finish(driver, kernel, verdict)
-    except EmulatorError as e:
-        verdict.error = verdict.error or f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    except Exception as e:
+        verdict.error = verdict.error or _describe(e)
         return verdict
+
+
+def _describe(e: BaseException) -> str:
+    """An exception as one line, with where it was raised."""
+    import traceback
+
+    where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    at = f" at {where.filename.rsplit('/', 1)[-1]}:{where.lineno}" if where else ""
+    return f"{type(e).__name__}{at}: {(str(e).splitlines() or [''])[0]}"
 
 
 def probe_faults(driver: Driver, **options: Any) -> Iterator[Verdict]:
     """Fail each allocation of a bind in turn: the probe must unwind without a trace."""
     with _kernel(driver, **options) as kernel:
-        before = kernel.alloc_attempts
+        before = len(kernel.alloc_log)
         dev = _bound(driver, kernel)
-        steps = kernel.alloc_attempts - before
+        names = kernel.alloc_log[before:]
         driver.unbind(kernel, dev)
         driver.exit_module(kernel)
-    for step in range(steps):
-        verdict = Verdict(driver.name, f"probe fault at allocation {step + 1}/{steps}")
+    steps = len(names)
+    for step, what in enumerate(names):
+        if what in CORE_OWN:
+            continue
+        verdict = Verdict(driver.name,
+                          f"probe fault at allocation {step + 1}/{steps} ({what or '?'})")
         try:
             with _kernel(driver, **options) as kernel:
                 kernel.fail_next_allocs(1, skip=step)
@@ -179,8 +196,8 @@ def probe_faults(driver: Driver, **options: Any) -> Iterator[Verdict]:
                 else:  # the kernel ignored that failure (e.g. the singleton device set)
                     driver.unbind(kernel, dev)
                 yield _finish(driver, kernel, verdict)
-        except EmulatorError as e:
-            verdict.error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        except Exception as e:
+            verdict.error = _describe(e)
             yield verdict
 
 

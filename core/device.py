@@ -55,6 +55,7 @@ class Core:
     open_count: int = 0
     initialized: bool = False  # device_initialize() ran: the kobject exists
     in_sysfs: bool = False
+    pins_parent: bool = False  # device_add() took a parent reference, until release
     holders: list[tuple[int, Stack]] = field(default_factory=list)  # get_device() callers
 
     @property
@@ -277,6 +278,9 @@ def vfio_device_release(vdev: VfioDevice) -> None:
     core = core_of(vdev, "vfio_device_release")
     kernel = core.kernel
     _device_del(core)  # kobject_cleanup() of a device still in sysfs deletes it itself
+    if core.pins_parent and core.dev is not None:
+        core.pins_parent = False
+        core.dev.put_ref()  # the parent reference goes with the child's cleanup
     vfio_release_device_set(vdev)
     kernel.ida.pop(core.index, None)
     core.state = State.RELEASED
@@ -303,6 +307,7 @@ def memset_vfio_device(vdev: VfioDevice) -> None:
     core.comp.reinit()
     core.index, core.dev, core.ops, core.dev_set = -1, None, None, None
     core.open_count, core.initialized, core.in_sysfs = 0, False, False
+    core.pins_parent = False
     core.holders.clear()
     core.state = State.ALLOCATED
     _trace(core, "memset vfio_device")
@@ -354,6 +359,7 @@ def _register(vdev: VfioDevice, how: str) -> int:
                             "exists on group")
                 return -EBUSY
     core.in_sysfs = True  # dev_set_name("vfio%d") + device_add(): pins the parent
+    core.pins_parent = core.dev is not None
     if core.dev is not None:
         core.dev.get_ref()
     before = core.refcount.read()
@@ -384,11 +390,9 @@ def _unlink(vdev: VfioDevice, core: Core) -> None:
 
 
 def _device_del(core: Core) -> None:
-    """device_del(): out of sysfs, and the parent reference device_add() took is dropped."""
-    if core.in_sysfs:
-        core.in_sysfs = False
-        if core.dev is not None:
-            core.dev.put_ref()
+    """device_del(): out of sysfs.  The parent stays pinned until the release: a kobject
+    keeps its parent until its own cleanup (kobject, since v5.8)."""
+    core.in_sysfs = False
 
 
 def vfio_unregister_group_dev(vdev: VfioDevice) -> None:

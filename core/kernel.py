@@ -141,6 +141,7 @@ class Kernel:
         self._fail_allocs = 0
         self._fail_skip = 0
         self.alloc_attempts = 0
+        self.alloc_log: list[str] = []
 
     # -- fault injection ----------------------------------------------------------
 
@@ -152,11 +153,13 @@ class Kernel:
         with self._lock:
             self._fail_allocs, self._fail_skip = n, skip
 
-    def should_fail_alloc(self) -> int:
+    def should_fail_alloc(self, what: str = "") -> int:
         """0, or -ENOMEM if an injected allocation failure is due (every call counts one
-        allocation in alloc_attempts, so a checker can fail each one in turn)."""
+        allocation in alloc_attempts and names it in alloc_log, so a checker can fail
+        each one in turn)."""
         with self._lock:
             self.alloc_attempts += 1
+            self.alloc_log.append(what)
             if self._fail_allocs > 0:
                 if self._fail_skip > 0:
                     self._fail_skip -= 1

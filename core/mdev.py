@@ -97,6 +97,7 @@ class MdevDevice(StructDevice):
         self.uuid = ""
         self.active = False
         self.counted = False
+        self.pins_parent = False
         self.release = mdev_device_release
 
     def __repr__(self) -> str:
@@ -185,10 +186,13 @@ def mdev_device_create(mtype: MdevType, uuid: str) -> MdevDevice | int:
         mdev_put_device(mdev)
         return -ENODEV
     try:
-        mdev.added = True  # device_add()
+        mdev.added = True  # device_add(): pins the parent device until the release
+        if parent.dev is not None:
+            mdev.pins_parent = True
+            parent.dev.get_ref()
         ret = driver.probe(mdev)
         if ret:
-            mdev.added = False  # device_del()
+            _device_del(mdev)
             mdev_put_device(mdev)
             return int(ret)
         mdev.active = True
@@ -207,6 +211,11 @@ def _remove(mdev: MdevDevice) -> None:
     mdev.parent.driver.remove(mdev)
     mdev.kernel.trace.record(mdev.kernel.jiffies(), mdev.uuid, "mdev_device_remove")
     mdev_put_device(mdev)
+
+
+def _device_del(mdev: MdevDevice) -> None:
+    """device_del(): out of the device tree (the parent stays pinned until the release)."""
+    mdev.added = False
 
 
 def mdev_device_remove(mdev: MdevDevice) -> int:
@@ -251,6 +260,9 @@ def mdev_device_release(mdev: StructDevice) -> None:
         parent.available_instances += 1  # a freed parent makes this a use-after-free
     kernel.trace.record(kernel.jiffies(), mdev.uuid, "mdev_device_release",
                         detail=f"available {parent.available_instances if parent else '-'}")
+    pinned = parent.dev if parent is not None and mdev.pins_parent else None
     kfree(mdev)
     if parent is not None:
         _check_accounting(parent, "after release")
+    if pinned is not None:
+        pinned.put_ref()  # the parent reference goes with the child's cleanup

@@ -92,7 +92,7 @@ def kzalloc(kernel: Kernel, cls: type[_T]) -> _T:
     """kzalloc(sizeof(struct ...)): a zeroed struct of this kernel, tracked until kfree."""
     if not (isinstance(cls, type) and issubclass(cls, Tracked)):
         raise InvalidArgumentError(f"kzalloc: {cls!r} is not a kernel struct (Tracked)")
-    fail = kernel.should_fail_alloc()
+    fail = kernel.should_fail_alloc(cls.__name__)
     if fail:
         return fail  # type: ignore[return-value]  # -ENOMEM, as failslab injects it
     obj = object.__new__(cls)

@@ -100,17 +100,39 @@ def checked(plugin, **options):
 BUILTIN = sorted(Plugins(load_entrypoints=False).drivers)
 
 
+#: v6.1 vfio-ccw frees its private - which embeds the mdev parent - at css remove, while
+#: a delayed mdev release may still write the parent's available_instances; the v6.2
+#: parent rework (a refcounted parent device, pinned by its mdevs) removes this.
+CCW_V61_HOLE = "use-after-free in read of MdevParent.available_instances"
+
+
 @pytest.mark.parametrize("name", BUILTIN)
 @pytest.mark.parametrize(("semantics", "delayed"), MODES)
 def test_every_builtin_driver_passes_every_scenario(name, semantics, delayed):
     driver = Plugins(load_entrypoints=False).driver(name)
     verdicts = check_driver(driver, semantics=semantics, delayed_release=delayed)
-    assert [(v.scenario, v.error, v.reports) for v in verdicts if not v.passed] == []
     assert len(verdicts) >= 6
+    failed = [v for v in verdicts if not v.passed]
+    if (name, semantics) != ("ccw", "v6.1"):
+        assert [(v.scenario, v.error, v.reports) for v in failed] == []
 
 
-def test_the_builtin_drivers_are_mtty_and_pci():
-    assert BUILTIN == ["mtty", "pci"]
+@pytest.mark.parametrize("delayed", [False, True])
+def test_ccw_v61_fails_only_on_its_delayed_release_lifetime_hole(delayed):
+    ccw = Plugins(load_entrypoints=False).driver("ccw")
+    verdicts = check_driver(ccw, semantics="v6.1", delayed_release=delayed)
+    failed = [v for v in verdicts if not v.passed]
+    assert "delayed release" in [v.scenario for v in failed]
+    for v in failed:
+        assert not v.error
+        assert any(CCW_V61_HOLE in r.title for r in v.reports)
+        assert {r.kind for r in v.reports} <= {"use-after-free", "leak"}
+    if not delayed:
+        assert [v.scenario for v in failed] == ["delayed release"]
+
+
+def test_the_builtin_drivers_are_ccw_mtty_and_pci():
+    assert BUILTIN == ["ccw", "mtty", "pci"]
 
 
 @pytest.mark.parametrize(("semantics", "delayed"), MODES)
@@ -124,7 +146,7 @@ def test_a_correct_bus_driver_passes_every_scenario(semantics, delayed):
 def test_an_init_that_leaks_on_partial_failure_fails_the_probe_fault_scenario():
     verdicts = checked(LeakyInit())
     failed = [v for v in verdicts if not v.passed]
-    assert [v.scenario for v in failed] == ["probe fault at allocation 3/4"]
+    assert [v.scenario for v in failed] == ["probe fault at allocation 3/4 (Buf)"]
     assert [r.kind for r in failed[0].reports] == ["leak"]
     assert "unreferenced object Buf" in failed[0].reports[0].title
     assert "init" in failed[0].reports[0].stacks[0][1]  # allocated in the driver's init
@@ -141,7 +163,7 @@ def test_a_remove_without_the_final_put_fails_with_leaks():
 @pytest.fixture
 def only_builtins(monkeypatch):
     """The CLI loads entry points: keep whatever else is installed out of these tests."""
-    monkeypatch.setenv(ALLOW_ENV, "mtty,pci")
+    monkeypatch.setenv(ALLOW_ENV, "mtty,pci")  # ccw v6.1's finding is tested above
 
 
 def test_check_cli_json_reports_each_driver(capsys, only_builtins):

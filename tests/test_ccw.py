@@ -1,0 +1,117 @@
+"""The vfio-ccw plugin: v6.1's release_comp and its latent races, and the v6.2 parent split."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from _workers import FAST_CLOCK
+
+from vfio_emu.device import State, core_of, vfio_group_get_device_fd
+from vfio_emu.errors import UseAfterFreeError
+from vfio_emu.kernel import ENOMEM, Kernel
+from vfio_emu.mdev import mdev_device_create, mdev_device_remove, mdev_get_device, mdev_put_device
+from vfio_emu.plugin_manager import Plugins
+from vfio_emu.plugins import ccw as ccw_plugin
+
+
+def _seed_vdev_late() -> int:
+    import random
+
+    return next(s for s in range(1000)
+                if (lambda r: (r.randint(0, 3), r.randint(0, 3)))(random.Random(s)) == (3, 0))
+
+
+SEED_VDEV_LATE = _seed_vdev_late()
+
+
+@pytest.fixture
+def ccw():
+    return Plugins(load_entrypoints=False, allow=["ccw"]).driver("ccw")
+
+
+def kernel(**options):
+    return Kernel(**FAST_CLOCK, **options)
+
+
+@pytest.mark.parametrize("semantics", ["v6.1", "v6.2"])
+def test_css_probe_mdev_create_open_close_remove_css_remove_is_clean(ccw, semantics):
+    with kernel(semantics=semantics) as k:
+        mdev = ccw.bind(k, "0.0.0001")
+        assert not isinstance(mdev, int)
+        vfio_group_get_device_fd(k, "0.0.0001").close()
+        assert ccw.unbind(k, mdev) == 0
+        assert k.findings() == [] and k.leak_check() == []
+
+
+def test_v61_mdev_remove_returns_only_after_the_delayed_release_ran(ccw):
+    with kernel(semantics="v6.1", delayed_release=True, seed=3) as k:
+        mdev = ccw.bind(k, "0.0.0001")
+        sch = k.device("0.0.0001.sch")
+        private = sch.drvdata
+        assert mdev_device_remove(mdev) == 0
+        # release (delayed 1-4 s) has run: it memset the embedded vdev and completed
+        assert core_of(private, "test").state is State.ALLOCATED
+        ops = [e.op for e in k.trace.events]
+        assert ops.index("kobject_release: delayed") < ops.index("memset vfio_device")
+        ccw_plugin.css_remove_61(k, sch)
+
+
+def test_v61_probe_error_path_puts_without_waiting_so_a_reprobe_races_the_release(
+        ccw, monkeypatch):
+    """The latent issue of the v6.1 flow: register fails, probe puts and returns; the
+    next probe re-inits the embedded vdev while its delayed release is still pending."""
+    real = ccw_plugin.vfio_register_emulated_iommu_dev
+    calls = {"n": 0}
+
+    def fail_once(vdev):
+        calls["n"] += 1
+        return -ENOMEM if calls["n"] == 1 else real(vdev)
+
+    monkeypatch.setattr(ccw_plugin, "vfio_register_emulated_iommu_dev", fail_once)
+    # A seed whose first delay (the vdev's release) is 4 HZ and second (the mdev's) 1 HZ,
+    # and a clock where HZ is 0.1 s: the instance is back 300 ms before the vdev release.
+    with Kernel(hz=1000, time_scale=10.0, semantics="v6.1", delayed_release=True,
+                seed=SEED_VDEV_LATE) as k:
+        sch = k.device("0.0.0001.sch")
+        assert ccw_plugin.css_probe_61(k, ccw, sch) == 0
+        parent = sch.drvdata.parent
+        assert mdev_device_create(parent.types[0], "u1") == -ENOMEM
+        for _ in range(200):  # until the mdev's release gave the instance back
+            if parent.available_instances:
+                break
+            threading.Event().wait(0.005)
+        mdev_device_create(parent.types[0], "u2")  # re-probe: the vdev release is pending
+        warns = [r.title for r in k.reports if r.kind == "WARN"]
+        assert any("tried to init an initialized object" in t for t in warns)
+        k.flush()
+
+
+def test_v62_parent_outlives_an_mdev_still_referenced_after_css_remove(ccw):
+    with kernel(semantics="v6.2") as k:
+        mdev = ccw.bind(k, "0.0.0001")
+        mdev_get_device(mdev)  # a sysfs user holds the mdev
+        assert ccw.unbind(k, mdev) == 0  # mdev remove, then css remove
+        mdev_put_device(mdev)  # its release still finds the parent alive
+        assert k.findings() == [] and k.leak_check() == []
+
+
+def test_v61_private_does_not_outlive_an_mdev_still_referenced_after_css_remove(ccw):
+    with kernel(semantics="v6.1") as k:
+        mdev = ccw.bind(k, "0.0.0001")
+        mdev_get_device(mdev)
+        assert ccw.unbind(k, mdev) == 0  # css remove kfree()s the private and its parent
+        with pytest.raises(UseAfterFreeError):
+            mdev_put_device(mdev)
+        assert any("MdevParent.available_instances" in r.title
+                   for r in k.reports if r.kind == "use-after-free")
+
+
+def test_v61_css_probe_rejects_nothing_but_a_not_oper_subchannel(ccw):
+    with kernel(semantics="v6.1") as k:
+        sch = k.device("0.0.0002.sch")
+        assert ccw_plugin.css_probe_61(k, ccw, sch) == 0
+        sch.drvdata.fsm_state = ccw_plugin.NOT_OPER
+        assert mdev_device_create(sch.drvdata.parent.types[0], "u") == -19  # -ENODEV
+        ccw_plugin.css_remove_61(k, sch)
+        assert k.leak_check() == []
