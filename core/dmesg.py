@@ -35,10 +35,14 @@ class Stack(tuple):  # type: ignore[type-arg]
         return "".join(summary.format())
 
 
-def capture_stack(limit: int = 16) -> Stack:
-    """The stack of the code that called into the emulator, cheaply (format it later)."""
+def capture_stack(limit: int = 16, internal: bool = False) -> Stack:
+    """The stack of the code that called into the emulator, cheaply (format it later).
+
+    internal=True keeps the emulator's own frames too: where a fault happened inside
+    the emulated kernel (a release on a worker), those are the interesting ones.
+    """
     frame: Any = sys._getframe(1)
-    while frame is not None and frame.f_globals.get("__name__") in _INTERNAL:
+    while not internal and frame is not None and frame.f_globals.get("__name__") in _INTERNAL:
         frame = frame.f_back
     frames: list[tuple[str, int, str]] = []
     while frame is not None and len(frames) < limit:

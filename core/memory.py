@@ -77,7 +77,8 @@ def use_after_free(obj: object, access: str) -> None:
     rep = mem.kernel.report(
         "use-after-free", f"BUG: KASAN: use-after-free in {access}",
         f"{access} of {mem.what}, already freed",
-        (("Call Trace", caller_stack()), (f"Allocated by task {mem.alloc_pid}", mem.alloc_stack),
+        (("Call Trace", capture_stack(internal=True)),
+         (f"Allocated by task {mem.alloc_pid}", mem.alloc_stack),
          (f"Freed by task {mem.free_pid}", mem.free_stack)))
     raise _reported(UseAfterFreeError(str(rep)), rep)
 
