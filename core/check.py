@@ -61,6 +61,7 @@ def _kernel(driver: Driver, **options: Any) -> Iterator[Kernel]:
 
 
 def _open(kernel: Kernel, name: str = NAME) -> DeviceFile:
+    kernel.kvm = kernel.kvm or "kvm"  # userspace is a VMM: the group has a KVM
     fd = vfio_group_get_device_fd(kernel, name)
     if not isinstance(fd, DeviceFile):
         raise EmulatorError(f"opening {name} failed: {fd}")

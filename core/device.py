@@ -56,6 +56,7 @@ class Core:
     initialized: bool = False  # device_initialize() ran: the kobject exists
     in_sysfs: bool = False
     pins_parent: bool = False  # device_add() took a parent reference, until release
+    kvm: Any = None  # valid between open_device and close_device
     holders: list[tuple[int, Stack]] = field(default_factory=list)  # get_device() callers
 
     @property
@@ -109,6 +110,11 @@ class VfioDevice(Tracked):
     @property
     def index(self) -> int:
         return core_of(self, "vdev->index").index
+
+    @property
+    def kvm(self) -> Any:
+        """vdev->kvm: the group's KVM, set for open_device and cleared after the last close."""
+        return core_of(self, "vdev->kvm").kvm
 
     @property
     def open_count(self) -> int:
@@ -278,9 +284,17 @@ def vfio_device_release(vdev: VfioDevice) -> None:
     core = core_of(vdev, "vfio_device_release")
     kernel = core.kernel
     _device_del(core)  # kobject_cleanup() of a device still in sysfs deletes it itself
-    if core.pins_parent and core.dev is not None:
-        core.pins_parent = False
-        core.dev.put_ref()  # the parent reference goes with the child's cleanup
+    # The parent reference goes last, after the release (which may free vdev itself).
+    pinned = core.dev if core.pins_parent else None
+    core.pins_parent = False
+    try:
+        _release(vdev, core, kernel)
+    finally:
+        if pinned is not None:
+            pinned.put_ref()
+
+
+def _release(vdev: VfioDevice, core: Core, kernel: Kernel) -> None:
     vfio_release_device_set(vdev)
     kernel.ida.pop(core.index, None)
     core.state = State.RELEASED
@@ -523,6 +537,8 @@ class DeviceFile:
             else:
                 _close_device(self.vdev, core, last=core.open_count == 1)
             core.open_count = (core.open_count - 1) & 0xFFFFFFFF  # unsigned, as in C
+            if core.open_count == 0:
+                core.kvm = None
         _trace(core, "fd close")
         if self.kernel.container_users <= 1:  # vfio_device_unassign_container()
             self.kernel.warn("WARNING: vfio_device_unassign_container: "
@@ -560,10 +576,12 @@ def vfio_group_get_device_fd(kernel: Kernel, name: str) -> DeviceFile | int:
     with dev_set:
         core.open_count += 1
         if core.open_count == 1:
+            core.kvm = kernel.kvm  # under group_lock: the group's KVM
             open_device = getattr(core.ops, "open_device", None)
             ret = open_device(found) if open_device is not None else 0
             if ret:
                 core.open_count -= 1
+                core.kvm = None
                 _trace(core, "open_device failed", detail=f"ret {ret}")
                 kernel.container_users -= 1
                 vfio_device_put_registration(found)

@@ -131,6 +131,7 @@ class Kernel:
         self.device_lock = threading.RLock()  # group->device_lock: the group device list
         self._parents: dict[str, Device] = {}
         self.module_data: dict[str, Any] = {}  # a driver module's globals, per kernel
+        self.kvm: Any = None  # the group's KVM (VFIO_GROUP_SET_KVM), given at first open
         self.container_fix = container_fix
         self.container_users = 1  # the group's own reference
         self.container_devices: set[str] = set()  # registered for dma_unmap notifications

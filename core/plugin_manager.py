@@ -35,7 +35,8 @@ ALLOW_ENV = "VFIO_EMU_PLUGINS"
 TRACE_ENV = "VFIO_EMU_TRACE_HOOKS"
 #: Built-in drivers and observers, by module name; the last dotted part is the plugin name.
 BUILTINS: tuple[str, ...] = (
-    "vfio_emu.plugins.ccw", "vfio_emu.plugins.mtty", "vfio_emu.plugins.pci")
+    "vfio_emu.plugins.ap", "vfio_emu.plugins.ccw", "vfio_emu.plugins.mtty",
+    "vfio_emu.plugins.pci")
 #: vfio_device_ops members, with the arguments the device model passes.
 OPS: dict[str, tuple[str, ...]] = {
     "init": ("vdev",), "release": ("vdev",), "open_device": ("vdev",),

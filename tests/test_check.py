@@ -131,8 +131,8 @@ def test_ccw_v61_fails_only_on_its_delayed_release_lifetime_hole(delayed):
         assert [v.scenario for v in failed] == ["delayed release"]
 
 
-def test_the_builtin_drivers_are_ccw_mtty_and_pci():
-    assert BUILTIN == ["ccw", "mtty", "pci"]
+def test_the_builtin_drivers_are_ap_ccw_mtty_and_pci():
+    assert BUILTIN == ["ap", "ccw", "mtty", "pci"]
 
 
 @pytest.mark.parametrize(("semantics", "delayed"), MODES)
@@ -163,7 +163,7 @@ def test_a_remove_without_the_final_put_fails_with_leaks():
 @pytest.fixture
 def only_builtins(monkeypatch):
     """The CLI loads entry points: keep whatever else is installed out of these tests."""
-    monkeypatch.setenv(ALLOW_ENV, "mtty,pci")  # ccw v6.1's finding is tested above
+    monkeypatch.setenv(ALLOW_ENV, "ap,mtty,pci")  # ccw v6.1's finding is tested above
 
 
 def test_check_cli_json_reports_each_driver(capsys, only_builtins):

@@ -1,0 +1,147 @@
+"""vfio-ap as a plugin: drivers/s390/crypto/vfio_ap_ops.c, as converted to the helpers.
+
+The matrix device is the driver's own refcounted parent (registered at module init,
+unwound with put_device - ce3895735cc2); each mdev gets a struct ap_matrix_mdev from
+vfio_alloc_device whose init allocates nothing, and whose release (v6.1) only frees it.
+The mdev core counts instances (max_instances).  open_device needs a KVM; remove takes
+guests_lock then mdevs_lock to take the mdev off the matrix list, then puts.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from vfio_emu.device import (
+    VfioDevice,
+    vfio_alloc_device,
+    vfio_free_device,
+    vfio_put_device,
+    vfio_register_emulated_iommu_dev,
+    vfio_unregister_group_dev,
+)
+from vfio_emu.hookspecs import hookimpl
+from vfio_emu.kernel import EINVAL, Kernel
+from vfio_emu.kobject import StructDevice, device_register, device_unregister, put_device
+from vfio_emu.mdev import (
+    MdevDevice,
+    MdevParent,
+    mdev_device_create,
+    mdev_device_remove,
+    mdev_register_parent,
+    mdev_unregister_parent,
+)
+from vfio_emu.memory import embedded, kfree, kzalloc
+
+MAX_ZDEV_ENTRIES_EXT = 256
+
+
+class MatrixDev(StructDevice):
+    """struct ap_matrix_dev: the parent device, with the mdev list and its locks."""
+
+
+class ApMatrixMdev(VfioDevice):
+    """struct ap_matrix_mdev: the vfio_device first."""
+
+
+def _matrix(kernel: Kernel) -> MatrixDev:
+    m = kernel.module_data.get("ap")
+    assert isinstance(m, MatrixDev), "vfio_ap: driver_init has not run"
+    return m
+
+
+@hookimpl
+def driver_init(kernel: Kernel, driver: Any) -> None:
+    """vfio_ap_mdev_register: the matrix device, then the mdev parent on it."""
+    matrix = kzalloc(kernel, MatrixDev)
+    assert not isinstance(matrix, int)
+    matrix.release = kfree
+    if device_register(matrix, "matrix"):
+        put_device(matrix)  # never kfree once registered (ce3895735cc2)
+        return
+    matrix.mdevs_lock = threading.Lock()
+    matrix.guests_lock = threading.Lock()
+    matrix.mdev_list = []
+    matrix.parent = embedded(matrix, MdevParent)
+    mdev_register_parent(matrix.parent, matrix,
+                         driver.mdev_driver(kernel, max_instances=MAX_ZDEV_ENTRIES_EXT),
+                         ["passthrough"])
+    kernel.module_data["ap"] = matrix
+
+
+@hookimpl
+def driver_exit(kernel: Kernel, driver: Any) -> None:
+    matrix = kernel.module_data.pop("ap")
+    mdev_unregister_parent(matrix.parent)
+    device_unregister(matrix)
+
+
+@hookimpl
+def init(vdev: ApMatrixMdev) -> int:
+    """vfio_ap_mdev_init_dev: allocates nothing."""
+    vdev.mdev = vdev.dev
+    vdev.matrix = {"apm": set(), "aqm": set(), "adm": set()}
+    vdev.shadow_apcb = {"apm": set(), "aqm": set(), "adm": set()}
+    vdev.qtable = {}
+    vdev.kvm_attached = None
+    return 0
+
+
+@hookimpl
+def release(vdev: ApMatrixMdev) -> None:
+    """vfio_ap_mdev_release_dev (v6.1): only the free; gone in v6.2."""
+    if vdev.mdev.kernel.semantics == "v6.1":
+        vfio_free_device(vdev)
+
+
+@hookimpl
+def open_device(vdev: ApMatrixMdev) -> int:
+    """vfio_ap_mdev_open_device: no KVM, no guest."""
+    if vdev.kvm is None:
+        return -EINVAL
+    vdev.kvm_attached = vdev.kvm
+    return 0
+
+
+@hookimpl
+def close_device(vdev: ApMatrixMdev) -> None:
+    vdev.kvm_attached = None
+
+
+@hookimpl
+def probe(kernel: Kernel, driver: Any, dev: MdevDevice) -> int:
+    """vfio_ap_mdev_probe."""
+    vdev = vfio_alloc_device(ApMatrixMdev, dev, driver.ops)
+    if isinstance(vdev, int):
+        return vdev
+    ret = vfio_register_emulated_iommu_dev(vdev)
+    if ret:
+        vfio_put_device(vdev)
+        return ret
+    dev.drvdata = vdev
+    matrix = _matrix(kernel)
+    with matrix.mdevs_lock:
+        matrix.mdev_list.append(vdev)
+    return 0
+
+
+@hookimpl
+def remove(kernel: Kernel, driver: Any, dev: MdevDevice) -> None:
+    """vfio_ap_mdev_remove: unregister, off the matrix list under both locks, put."""
+    vdev = dev.drvdata
+    vfio_unregister_group_dev(vdev)
+    matrix = _matrix(kernel)
+    with matrix.guests_lock, matrix.mdevs_lock:
+        vdev.qtable.clear()  # reset and unlink the queues
+        matrix.mdev_list.remove(vdev)
+    vfio_put_device(vdev)
+
+
+@hookimpl
+def check_bind(kernel: Kernel, driver: Any, name: str) -> MdevDevice | int:
+    return mdev_device_create(_matrix(kernel).parent.types[0], name)
+
+
+@hookimpl
+def check_unbind(kernel: Kernel, driver: Any, dev: MdevDevice) -> int:
+    return mdev_device_remove(dev)
