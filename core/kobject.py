@@ -89,7 +89,7 @@ def dev_set_name(dev: StructDevice, name: str) -> int:
 def device_add(dev: StructDevice) -> int:
     """Into sysfs; fails (-ENOMEM) when an allocation failure is injected."""
     _check(dev, "device_add")
-    fail = dev.kernel.should_fail_alloc()
+    fail = dev.kernel.should_fail_alloc("device_add")
     if fail:
         return fail
     dev.added = True

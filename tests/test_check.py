@@ -20,6 +20,7 @@ from vfio_emu.hookspecs import hookimpl
 from vfio_emu.kernel import ENOMEM
 from vfio_emu.memory import Tracked, kfree, kzalloc
 from vfio_emu.plugin_manager import ALLOW_ENV, Plugins
+from vfio_emu.plugins import ccw as ccw_plugin
 
 MODES = [("v6.1", False), ("v6.1", True), ("v6.2", False), ("v6.2", True)]
 
@@ -183,3 +184,83 @@ def test_check_cli_table_and_exit_status(capsys, only_builtins):
 def test_check_cli_refuses_an_unknown_driver(capsys, only_builtins):
     assert main(["check", "no-such-driver"]) == 2
     assert "no driver named 'no-such-driver'" in capsys.readouterr().err
+
+
+# -- wrong drivers from upstream history ------------------------------------------------
+
+class CcwWithoutReleaseWait:
+    """v6.1 vfio-ccw as if mdev remove did not wait on release_comp: the css remove may
+    then free the private while its vfio_device release is still to come."""
+
+    init = staticmethod(ccw_plugin.init)
+    release = staticmethod(ccw_plugin.release)
+    probe = staticmethod(ccw_plugin.probe)
+    check_bind = staticmethod(ccw_plugin.check_bind)
+    check_unbind = staticmethod(ccw_plugin.check_unbind)
+
+    @staticmethod
+    @hookimpl
+    def remove(kernel, driver, dev):
+        private = dev.drvdata
+        vfio_unregister_group_dev(private)
+        vfio_put_device(private)  # BUG: no wait_for_completion(&private->release_comp)
+
+
+def test_ccw_v61_without_the_release_comp_wait_is_a_use_after_free_of_the_private():
+    verdicts = checked(CcwWithoutReleaseWait(), semantics="v6.1", delayed_release=True)
+    uafs = [r for v in verdicts for r in v.reports if r.kind == "use-after-free"]
+    assert any(r.title == "BUG: KASAN: use-after-free in vfio_device_release"
+               and "CcwPrivate61" in r.detail for r in uafs)
+    # the real driver waits: its only finding is the mdev parent's hole, never this one
+    real = check_driver(Plugins(load_entrypoints=False).driver("ccw"), semantics="v6.1",
+                        delayed_release=True)
+    real_uafs = [r for v in real for r in v.reports if r.kind == "use-after-free"]
+    assert real_uafs and all("MdevParent" in r.title for r in real_uafs)
+
+
+class CcwParentKfreeOnRegisterFailure:
+    """v6.2 vfio-ccw before ce3895735cc2: a failed device_register() of the parent is
+    unwound with kfree() instead of put_device()."""
+
+    init = staticmethod(ccw_plugin.init)
+    release = staticmethod(ccw_plugin.release)
+    probe = staticmethod(ccw_plugin.probe)
+    remove = staticmethod(ccw_plugin.remove)
+    check_unbind = staticmethod(ccw_plugin.check_unbind)
+
+    @staticmethod
+    @hookimpl
+    def check_bind(kernel, driver, name):
+        """vfio_ccw_sch_probe (v6.2) with the old unwind, then an mdev of it."""
+        from vfio_emu.kobject import device_del, device_register, put_device
+        from vfio_emu.mdev import MdevParent, mdev_device_create, mdev_register_parent
+        from vfio_emu.memory import embedded
+
+        sch = kernel.device(f"{name}.sch")
+        parent = kzalloc(kernel, ccw_plugin.CcwParent)
+        if isinstance(parent, int):
+            return parent
+        parent.release = kfree
+        ret = device_register(parent, "parent")
+        if ret:
+            kfree(parent)  # BUG: the kobject is initialized: only put_device() may free it
+            return ret
+        parent.mdev_parent = embedded(parent, MdevParent)
+        ret = mdev_register_parent(parent.mdev_parent, parent,
+                                   driver.mdev_driver(kernel, max_instances=1), ["io"])
+        if ret:
+            device_del(parent)
+            put_device(parent)
+            return ret
+        sch.drvdata = parent
+        mdev = mdev_device_create(parent.mdev_parent.types[0], name)
+        if isinstance(mdev, int):
+            ccw_plugin.css_remove_62(kernel, sch)
+        return mdev
+
+
+def test_ccw_v62_parent_unwind_with_kfree_leaks_the_kobject_name():
+    verdicts = checked(CcwParentKfreeOnRegisterFailure(), semantics="v6.2")
+    failed = [v for v in verdicts if not v.passed]
+    assert failed and all("(device_add)" in v.scenario for v in failed)
+    assert any("kobject name 'parent'" in r.title for v in failed for r in v.reports)
