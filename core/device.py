@@ -364,6 +364,9 @@ def _register(vdev: VfioDevice, how: str) -> int:
     if core.state is not State.INITIALIZED:
         kernel.warn(f"WARNING: {how}: {core.name} is {core.state.value}, not initialized")
         return -EINVAL
+    fault = kernel.injected("register")
+    if fault:
+        return fault
     if core.dev_set is None:
         vfio_assign_device_set(vdev, vdev)  # a singleton set; the return value is ignored
     with kernel.device_lock:

@@ -1,8 +1,8 @@
 """The hooks a driver plugin implements: struct vfio_device_ops and the driver's entry points.
 
-Hook names are the kernel's.  A plugin that implements `probe` is a driver;
-any other plugin is an observer, whose hookimpls (usually `wrapper=True`) see
-every driver's calls.  Each driver's ops reach only that driver's hookimpls,
+Hook names are the kernel's.  A plugin with a plain (non-wrapper) `probe` is a
+driver; any other plugin is an observer, whose hookimpls (usually
+`wrapper=True`) see every driver's calls.  Each driver's ops reach only that driver's hookimpls,
 plus the observers' (see vfio_emu.plugin_manager).
 """
 

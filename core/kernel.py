@@ -38,6 +38,8 @@ EUSERS = 87
 #: ida_alloc_max(&vfio.device_ida, MINORMASK): the largest vfio device index.
 MINORMASK = (1 << 20) - 1
 SEMANTICS = ("v6.1", "v6.2")
+#: The kernel's own steps a fault can be injected into (Kernel.inject).
+FAULT_POINTS = ("register", "mdev_create")
 #: "v6.1": the device stays on the group list while unregister waits (re-open race);
 #: "unlink-first": the later order, unlinked and device_del'd before the wait.
 UNREGISTER_ORDERS = ("v6.1", "unlink-first")
@@ -142,6 +144,7 @@ class Kernel:
         self._fail_allocs = 0
         self._fail_skip = 0
         self.alloc_attempts = 0
+        self._faults: dict[str, tuple[int, int]] = {}
         self.alloc_log: list[str] = []
 
     # -- fault injection ----------------------------------------------------------
@@ -153,6 +156,25 @@ class Kernel:
                 raise InvalidArgumentError(f"{what}={value!r} must be a non-negative int")
         with self._lock:
             self._fail_allocs, self._fail_skip = n, skip
+
+    def inject(self, step: str, errno: int, times: int = 1) -> None:
+        """Make the kernel's own step ("register", "mdev_create") fail with -errno."""
+        if step not in FAULT_POINTS:
+            raise InvalidArgumentError(f"step={step!r}: choose one of {FAULT_POINTS}")
+        if type(errno) is not int or errno <= 0 or type(times) is not int or times < 0:
+            raise InvalidArgumentError("errno must be a positive errno and times >= 0")
+        with self._lock:
+            self._faults[step] = (errno, times)
+
+    def injected(self, step: str) -> int:
+        """0, or the -errno an injected fault makes this step return."""
+        with self._lock:
+            errno, times = self._faults.get(step, (0, 0))
+            if times <= 0:
+                return 0
+            self._faults[step] = (errno, times - 1)
+        self.trace.record(self.jiffies(), "-", f"fault injected: {step}", detail=f"-{errno}")
+        return -errno
 
     def should_fail_alloc(self, what: str = "") -> int:
         """0, or -ENOMEM if an injected allocation failure is due (every call counts one

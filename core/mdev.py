@@ -169,6 +169,9 @@ def mdev_device_create(mtype: MdevType, uuid: str) -> MdevDevice | int:
     kernel = parent.kernel
     driver = parent.driver
     counted = getattr(driver, "get_available", None) is None
+    fault = kernel.injected("mdev_create")
+    if fault:
+        return fault
     if any(m.uuid == uuid for m in kernel.mdevs):
         return -EEXIST
     if counted:

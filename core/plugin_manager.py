@@ -37,6 +37,8 @@ TRACE_ENV = "VFIO_EMU_TRACE_HOOKS"
 BUILTINS: tuple[str, ...] = (
     "vfio_emu.plugins.ap", "vfio_emu.plugins.ccw", "vfio_emu.plugins.mtty",
     "vfio_emu.plugins.pci")
+#: Built-in observers, loaded on request (each wraps every driver's ops).
+OBSERVERS: dict[str, str] = {"tracer": "vfio_emu.plugins.tracer"}
 #: vfio_device_ops members, with the arguments the device model passes.
 OPS: dict[str, tuple[str, ...]] = {
     "init": ("vdev",), "release": ("vdev",), "open_device": ("vdev",),
@@ -49,7 +51,9 @@ class PluginError(EmulatorError):
 
 
 def _implements(hook: Any, plugin: object) -> bool:
-    return any(impl.plugin is plugin for impl in hook.get_hookimpls())
+    """A plain (not wrapper) implementation: the driver's own code for that op."""
+    return any(impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper)
+               for impl in hook.get_hookimpls())
 
 
 def _bind(caller: Any, args: tuple[str, ...]) -> Callable[..., Any]:
@@ -148,9 +152,11 @@ class Plugins:
     """The plugin manager of one emulation: drivers and observers, nothing global."""
 
     def __init__(self, *, builtins: Iterable[str] = BUILTINS, load_entrypoints: bool = True,
-                 allow: Iterable[str] | None = None, trace: bool | None = None) -> None:
+                 allow: Iterable[str] | None = None, trace: bool | None = None,
+                 observers: Iterable[str] = ()) -> None:
         """allow: the plugin names that may load (default: $VFIO_EMU_PLUGINS, or all).
-        trace: print every hook call (default: $VFIO_EMU_TRACE_HOOKS)."""
+        trace: print every hook call (default: $VFIO_EMU_TRACE_HOOKS).
+        observers: built-in observers to load too, by name (e.g. "tracer")."""
         if allow is None and os.environ.get(ALLOW_ENV):
             allow = [n.strip() for n in os.environ[ALLOW_ENV].split(",") if n.strip()]
         self._allow = None if allow is None else frozenset(allow)
@@ -161,6 +167,11 @@ class Plugins:
             name = module_name.rsplit(".", 1)[-1]
             if self._allowed(name):
                 self._register(importlib.import_module(module_name), name, rebuild=False)
+        for name in observers:
+            if name not in OBSERVERS:
+                raise InvalidArgumentError(
+                    f"no built-in observer '{name}' (there are: {', '.join(sorted(OBSERVERS))})")
+            self._register(importlib.import_module(OBSERVERS[name]), name, rebuild=False)
         if load_entrypoints:
             self._load_entrypoints()
         self._check_pending()

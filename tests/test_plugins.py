@@ -48,6 +48,11 @@ class NoRelease:
         return 0
 
     @hookimpl
+    def open_device(self, vdev):
+        self.calls.append(f"{self.name}.open_device")
+        return 0
+
+    @hookimpl
     def probe(self, kernel, driver, dev):
         vdev = vfio_alloc_device(VfioDevice, dev, driver.ops)
         if isinstance(vdev, int):
@@ -298,3 +303,60 @@ def test_mtty_has_no_request_op_so_an_fd_held_through_remove_hangs_silently(mtty
         t = threading.Thread(target=fd.close)
         t.start()
         t.join(30)
+
+
+# -- the built-in observers ------------------------------------------------------------
+
+def test_the_tracer_puts_every_driver_op_on_the_timeline(kernel):
+    p = Plugins(builtins=("vfio_emu.plugins.mtty",), load_entrypoints=False,
+                observers=["tracer"])
+    assert sorted(p.drivers) == ["mtty"]  # the tracer is an observer, not a driver
+    mtty = p.driver("mtty")
+    mtty.init_module(kernel)
+    m = mtty.bind(kernel, "u")
+    vfio_group_get_device_fd(kernel, "u").close()
+    mtty.unbind(kernel, m)
+    mtty.exit_module(kernel)
+    ops = [e.op for e in kernel.trace.events if e.op.startswith(("ops->", "mtty "))]
+    assert ops == ["ops->init", "mtty probe", "ops->open_device", "ops->close_device",
+                   "ops->release", "mtty remove"]
+    assert kernel.findings() == [] and kernel.leak_check() == []
+
+
+def test_an_unknown_observer_is_refused():
+    from vfio_emu.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="no built-in observer"):
+        Plugins(builtins=(), load_entrypoints=False, observers=["nosuch"])
+
+
+@pytest.mark.parametrize("step", ["init", "open_device"])
+def test_the_fault_injector_fails_a_chosen_op_and_everything_unwinds(kernel, step):
+    from vfio_emu.plugins.faults import FaultInjector
+
+    faults = FaultInjector(step, 5)  # -EIO
+    p = plugins_with(("a", Recorder("a")), ("faults", faults))
+    drv = p.driver("a")
+    dev = kernel.device("x")
+    if step == "open_device":  # the op ran and "failed": the FD is not created
+        assert drv.probe(kernel, dev) == 0
+        assert vfio_group_get_device_fd(kernel, "x") == -5
+        assert dev.drvdata.open_count == 0
+        drv.remove(kernel, dev)
+    else:
+        assert drv.probe(kernel, dev) == -5
+    assert faults.injected == 1
+    assert kernel.findings() == [] and kernel.leak_check() == []
+
+
+@pytest.mark.parametrize("step", ["register", "mdev_create"])
+def test_a_kernel_fault_point_fails_its_step_and_the_driver_unwinds(step):
+    mtty = Plugins(load_entrypoints=False, allow=["mtty"]).driver("mtty")
+    with Kernel(**FAST_CLOCK) as k:
+        mtty.init_module(k)
+        k.inject(step, 12)
+        assert mtty.bind(k, "u") == -ENOMEM
+        assert k.module_data["mtty"].avail_ports == 24
+        mtty.exit_module(k)
+        assert [r for r in k.findings()] == [] and k.leak_check() == []
+        assert any(e.op == f"fault injected: {step}" for e in k.trace.events)
