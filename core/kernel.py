@@ -129,6 +129,7 @@ class Kernel:
         self.dev_sets: dict[int, DeviceSet] = {}
         self.devices: list[VfioDevice] = []  # the group device list: findable by name
         self.mdevs: list[Any] = []  # mdev_list: every mdev device of every parent
+        self.mdev_list_lock = threading.RLock()
         self.xa_lock = threading.Lock()  # the device-set xarray's lock
         self.device_lock = threading.RLock()  # group->device_lock: the group device list
         self._parents: dict[str, Device] = {}

@@ -172,19 +172,21 @@ def mdev_device_create(mtype: MdevType, uuid: str) -> MdevDevice | int:
     fault = kernel.injected("mdev_create")
     if fault:
         return fault
-    if any(m.uuid == uuid for m in kernel.mdevs):
-        return -EEXIST
-    if counted:
-        if parent.available_instances == 0:
-            return -EUSERS
-        parent.available_instances -= 1
-    mdev = kzalloc(kernel, MdevDevice)
-    if isinstance(mdev, int):
-        _check_accounting(parent, "after a failed create")
-        return mdev  # as written upstream: the instance taken above is not given back
-    device_initialize(mdev)
-    mdev.parent, mdev.type, mdev.uuid, mdev.counted, mdev.name = parent, mtype, uuid, counted, uuid
-    kernel.mdevs.append(mdev)
+    with kernel.mdev_list_lock:  # the uuid check, the instance and the list add, as one
+        if any(m.uuid == uuid for m in kernel.mdevs):
+            return -EEXIST
+        if counted:
+            if parent.available_instances == 0:
+                return -EUSERS
+            parent.available_instances -= 1
+        mdev = kzalloc(kernel, MdevDevice)
+        if isinstance(mdev, int):
+            _check_accounting(parent, "after a failed create")
+            return mdev  # as written upstream: the instance taken above is not given back
+        device_initialize(mdev)
+        mdev.parent, mdev.type, mdev.uuid, mdev.counted = parent, mtype, uuid, counted
+        mdev.name = uuid
+        kernel.mdevs.append(mdev)
     if not parent.unreg_sem.down_read_trylock():
         mdev_put_device(mdev)
         return -ENODEV
@@ -203,7 +205,8 @@ def mdev_device_create(mtype: MdevType, uuid: str) -> MdevDevice | int:
         parent.unreg_sem.up_read()
     kernel.trace.record(kernel.jiffies(), uuid, "mdev_device_create",
                         detail=f"available {parent.available_instances}")
-    _check_accounting(parent, "after create")
+    with kernel.mdev_list_lock:
+        _check_accounting(parent, "after create")
     return mdev
 
 
@@ -257,15 +260,16 @@ def mdev_device_release(mdev: StructDevice) -> None:
     assert isinstance(mdev, MdevDevice)
     kernel = mdev.kernel
     parent = mdev.parent
-    if mdev in kernel.mdevs:
-        kernel.mdevs.remove(mdev)
-    if mdev.counted and parent is not None:
-        parent.available_instances += 1  # a freed parent makes this a use-after-free
-    kernel.trace.record(kernel.jiffies(), mdev.uuid, "mdev_device_release",
-                        detail=f"available {parent.available_instances if parent else '-'}")
-    pinned = parent.dev if parent is not None and mdev.pins_parent else None
-    kfree(mdev)
-    if parent is not None:
-        _check_accounting(parent, "after release")
+    with kernel.mdev_list_lock:
+        if mdev in kernel.mdevs:
+            kernel.mdevs.remove(mdev)
+        if mdev.counted and parent is not None:
+            parent.available_instances += 1  # a freed parent makes this a use-after-free
+        kernel.trace.record(kernel.jiffies(), mdev.uuid, "mdev_device_release",
+                            detail=f"available {parent.available_instances if parent else '-'}")
+        pinned = parent.dev if parent is not None and mdev.pins_parent else None
+        kfree(mdev)
+        if parent is not None:
+            _check_accounting(parent, "after release")
     if pinned is not None:
         pinned.put_ref()  # the parent reference goes with the child's cleanup
