@@ -50,9 +50,14 @@ class Verdict:
         return not self.reports and not self.error
 
 
+#: Emulated seconds a wait may take before the watchdog calls it a hang: far beyond
+#: HOLD_S, so a busy machine delaying userspace's close is not taken for a hang.
+WATCHDOG_S = 600
+
+
 @contextmanager
 def _kernel(driver: Driver, **options: Any) -> Iterator[Kernel]:
-    kernel = Kernel(**options)
+    kernel = Kernel(watchdog_s=WATCHDOG_S, **options)
     try:
         driver.init_module(kernel)
         yield kernel
