@@ -22,7 +22,7 @@ from vfio_emu.device import (
     vfio_group_get_device_fd,
 )
 from vfio_emu.errors import EmulatorError
-from vfio_emu.kernel import Kernel
+from vfio_emu.kernel import FAULT_POINTS, Kernel
 from vfio_emu.plugin_manager import Driver
 from vfio_emu.report import Report
 
@@ -217,6 +217,23 @@ BATTERY: tuple[tuple[str, Callable[[Driver, Kernel], None], dict[str, Any]], ...
 )
 
 
+def kernel_faults(driver: Driver, **options: Any) -> Iterator[Verdict]:
+    """Fail each of the kernel's own probe steps (register, mdev create) once: the driver
+    must unwind it cleanly (a step its devices do not take just does not fire)."""
+    for step in FAULT_POINTS:
+        verdict = Verdict(driver.name, f"{step} fails")
+        try:
+            with _kernel(driver, **options) as kernel:
+                kernel.inject(step, 12)
+                dev = driver.bind(kernel, NAME)
+                if not isinstance(dev, int):
+                    driver.unbind(kernel, dev)
+                yield _finish(driver, kernel, verdict)
+        except Exception as e:
+            verdict.error = _describe(e)
+            yield verdict
+
+
 def check_driver(driver: Driver, *, semantics: str = "v6.1", delayed_release: bool = False,
                  progress: Callable[[str], None] | None = None) -> list[Verdict]:
     """Every scenario of the battery, then a fault at every probe allocation."""
@@ -228,5 +245,6 @@ def check_driver(driver: Driver, *, semantics: str = "v6.1", delayed_release: bo
         verdicts.append(_run(driver, name, body, **options))
     if progress is not None:
         progress(f"{driver.name}: probe faults")
+    verdicts += kernel_faults(driver, semantics=semantics, delayed_release=delayed_release)
     verdicts += probe_faults(driver, semantics=semantics, delayed_release=delayed_release)
     return verdicts

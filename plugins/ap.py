@@ -80,6 +80,7 @@ def driver_exit(kernel: Kernel, driver: Any) -> None:
 def init(vdev: ApMatrixMdev) -> int:
     """vfio_ap_mdev_init_dev: allocates nothing."""
     vdev.mdev = vdev.dev
+    vdev.kernel = vdev.dev.kernel  # for release, which must not touch the mdev
     vdev.matrix = {"apm": set(), "aqm": set(), "adm": set()}
     vdev.shadow_apcb = {"apm": set(), "aqm": set(), "adm": set()}
     vdev.qtable = {}
@@ -89,8 +90,9 @@ def init(vdev: ApMatrixMdev) -> int:
 
 @hookimpl
 def release(vdev: ApMatrixMdev) -> None:
-    """vfio_ap_mdev_release_dev (v6.1): only the free; gone in v6.2."""
-    if vdev.mdev.kernel.semantics == "v6.1":
+    """vfio_ap_mdev_release_dev (v6.1): only the free; gone in v6.2.  (It never touches
+    the mdev: after a failed register nothing pins it.)"""
+    if vdev.kernel.semantics == "v6.1":
         vfio_free_device(vdev)
 
 

@@ -2,7 +2,8 @@
 
 init allocates nothing (locks and lists only); release frees what was made later (the region
 array a variant driver may add, the saved power state) and, in v6.1, the device.  Probe:
-alloc, drvdata, then register_device - which picks the device set (the bus, here) and leaves
+alloc, drvdata, then register_device - which picks the device set (root bus, slot or bus) and
+leaves
 its undo to release - then register; a failure puts.  open_device builds the region array,
 close_device frees it and resets the bus if no other device of the set is open (the set open
 count still counts the closing device, so "> 1" means "someone else").  request signals
@@ -38,6 +39,11 @@ class Regions(Tracked):
 
 class VfioPciCoreDevice(VfioDevice):
     """struct vfio_pci_core_device: the vfio_device first."""
+
+
+def slot_of(pdev: Device) -> str:
+    """The slot of a device named domain:bus:slot.function."""
+    return pdev.name.rsplit(".", 1)[0]
 
 
 def bus_of(pdev: Device) -> str:
@@ -114,14 +120,24 @@ def request(vdev: VfioPciCoreDevice, count: int) -> None:
                                 "registered, blocked until released by user")
 
 
+def set_id_of(kernel: Kernel, vdev: VfioPciCoreDevice, dev: Device) -> object:
+    """A device on a root bus is its own set; one whose slot can be reset shares the
+    slot's set; any other shares its bus's.  (Set dev.root_bus / dev.slot_reset.)"""
+    if getattr(dev, "root_bus", False):
+        return vdev
+    if getattr(dev, "slot_reset", False):
+        return kernel.device(f"pci-slot-{slot_of(dev)}")
+    return kernel.device(f"pci-bus-{bus_of(dev)}")
+
+
 def _register_device(kernel: Kernel, vdev: VfioPciCoreDevice) -> int:
-    """vfio_pci_core_register_device: the set by bus; its undo is left to release."""
+    """vfio_pci_core_register_device: the device set; its undo is left to release."""
     dev = vdev.dev
     assert dev is not None
     if dev.drvdata is not vdev:
         kernel.warn("WARNING: vfio_pci_core_register_device: dev_get_drvdata(dev) != vdev")
         return -EINVAL
-    ret = vfio_assign_device_set(vdev, kernel.device(f"pci-bus-{bus_of(dev)}"))
+    ret = vfio_assign_device_set(vdev, set_id_of(kernel, vdev, dev))
     if ret:
         return ret
     return vfio_register_group_dev(vdev)

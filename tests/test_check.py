@@ -101,10 +101,13 @@ def checked(plugin, **options):
 BUILTIN = sorted(Plugins(load_entrypoints=False).drivers)
 
 
-#: v6.1 vfio-ccw frees its private - which embeds the mdev parent - at css remove, while
-#: a delayed mdev release may still write the parent's available_instances; the v6.2
-#: parent rework (a refcounted parent device, pinned by its mdevs) removes this.
-CCW_V61_HOLE = "use-after-free in read of MdevParent.available_instances"
+#: v6.1 vfio-ccw's two latent holes under delayed release, both removed by the v6.2 rework:
+#: css remove frees the private - which embeds the mdev parent - while a delayed mdev
+#: release may still write the parent's available_instances; and the mdev probe's error
+#: path puts without waiting on release_comp, so the private can be freed under a pending
+#: vfio_device release.
+CCW_V61_HOLES = ("use-after-free in read of MdevParent.available_instances",
+                 "use-after-free in vfio_device_release")
 
 
 @pytest.mark.parametrize("name", BUILTIN)
@@ -126,10 +129,13 @@ def test_ccw_v61_fails_only_on_its_delayed_release_lifetime_hole(delayed):
     assert "delayed release" in [v.scenario for v in failed]
     for v in failed:
         assert not v.error
-        assert any(CCW_V61_HOLE in r.title for r in v.reports)
+        assert any(hole in r.title for r in v.reports for hole in CCW_V61_HOLES)
         assert {r.kind for r in v.reports} <= {"use-after-free", "leak"}
     if not delayed:
         assert [v.scenario for v in failed] == ["delayed release"]
+    else:  # the probe error path's hole shows where register fails
+        register = next(v for v in verdicts if v.scenario == "register fails")
+        assert any(CCW_V61_HOLES[1] in r.title for r in register.reports)
 
 
 def test_the_builtin_drivers_are_ap_ccw_mtty_and_pci():
@@ -211,11 +217,14 @@ def test_ccw_v61_without_the_release_comp_wait_is_a_use_after_free_of_the_privat
     uafs = [r for v in verdicts for r in v.reports if r.kind == "use-after-free"]
     assert any(r.title == "BUG: KASAN: use-after-free in vfio_device_release"
                and "CcwPrivate61" in r.detail for r in uafs)
-    # the real driver waits: its only finding is the mdev parent's hole, never this one
+    # the real driver waits on its remove path: the life cycle shows only the parent's hole
     real = check_driver(Plugins(load_entrypoints=False).driver("ccw"), semantics="v6.1",
                         delayed_release=True)
-    real_uafs = [r for v in real for r in v.reports if r.kind == "use-after-free"]
-    assert real_uafs and all("MdevParent" in r.title for r in real_uafs)
+    life = next(v for v in real if v.scenario == "life cycle")
+    assert life.reports and all("MdevParent" in r.title
+                                for r in life.reports if r.kind == "use-after-free")
+    variant_life = next(v for v in verdicts if v.scenario == "life cycle")
+    assert any("vfio_device_release" in r.title for r in variant_life.reports)
 
 
 class CcwParentKfreeOnRegisterFailure:

@@ -44,6 +44,21 @@ def test_two_functions_of_one_bus_share_a_set_and_another_bus_does_not(pci, kern
     assert kernel.findings() == [] and kernel.leak_check() == []
 
 
+def test_a_root_bus_device_is_its_own_set_and_a_slot_reset_device_shares_its_slot(pci, kernel):
+    root = kernel.device("0000:00:02.0")
+    root.root_bus = True
+    f0, f1 = kernel.device("0000:01:00.0"), kernel.device("0000:01:00.1")
+    f0.slot_reset = f1.slot_reset = True
+    other = kernel.device("0000:01:01.0")  # same bus, no slot reset
+    for dev in (root, f0, f1, other):
+        assert pci.probe(kernel, dev) == 0
+    assert root.drvdata.dev_set.device_count == 1
+    assert f0.drvdata.dev_set is f1.drvdata.dev_set is not other.drvdata.dev_set
+    for dev in (root, f0, f1, other):
+        pci.remove(kernel, dev)
+    assert kernel.findings() == [] and kernel.leak_check() == []
+
+
 def test_the_bus_is_reset_only_on_the_last_close_of_the_set(pci, kernel):
     a, b = bind(pci, kernel, "0000:00:04.0"), bind(pci, kernel, "0000:00:05.0")
     fa = vfio_group_get_device_fd(kernel, "0000:00:04.0")
