@@ -79,8 +79,10 @@ def driver_exit(kernel: Kernel, driver: Any) -> None:
 @hookimpl
 def init(vdev: ApMatrixMdev) -> int:
     """vfio_ap_mdev_init_dev: allocates nothing."""
-    vdev.mdev = vdev.dev
-    vdev.kernel = vdev.dev.kernel  # for release, which must not touch the mdev
+    mdev = vdev.dev
+    assert mdev is not None
+    vdev.mdev = mdev
+    vdev.kernel = mdev.kernel  # for release, which must not touch the mdev
     vdev.matrix = {"apm": set(), "aqm": set(), "adm": set()}
     vdev.shadow_apcb = {"apm": set(), "aqm": set(), "adm": set()}
     vdev.qtable = {}
