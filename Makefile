@@ -15,9 +15,12 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*.py)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-# Both parts always run; the exit status says whether either found something.
+# The demo: both parts always run and print their reports.  (`vfio-emu check` itself exits
+# 1 when it finds something, for scripts; here that is said in words, not as a make error.)
 run: $(STAMP)
-	@$(BIN)/vfio-emu check; s=$$?; echo; $(BIN)/vfio-emu lkdtm || s=1; exit $$s
+	@$(BIN)/vfio-emu check || echo "(vfio-emu check found something: see the FAIL lines and their reports above)"
+	@echo
+	@$(BIN)/vfio-emu lkdtm
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
