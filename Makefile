@@ -33,9 +33,10 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check core plugins tests benchmarks csrc
 	rm -rf build/typecheck && mkdir -p build/typecheck/vfio_emu
-	ln -s $(CURDIR)/core/*.py $(CURDIR)/core/py.typed build/typecheck/vfio_emu/
+	ln -s $(CURDIR)/core/*.py $(CURDIR)/core/py.typed $(CURDIR)/core/shm $(CURDIR)/core/linux \
+	      $(CURDIR)/core/check build/typecheck/vfio_emu/
 	ln -s $(CURDIR)/plugins build/typecheck/vfio_emu/plugins
 	MYPYPATH=build/typecheck $(BIN)/mypy -p vfio_emu
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info core/*.so core/_core.c core/_fast.c
+	rm -rf $(VENV) build dist *.egg-info core/shm/*.so core/shm/_core.c core/shm/_fast.c

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 import pluggy
 import pytest
 
-from vfio_emu import hookspecs
-from vfio_emu.hookspecs import hookimpl
-from vfio_emu.plugin_manager import Plugins
+from vfio_emu.plugins import hookspecs
+from vfio_emu.plugins.hookspecs import hookimpl
+from vfio_emu.plugins.manager import Plugins
 
 if TYPE_CHECKING:
     from conftest import Measure

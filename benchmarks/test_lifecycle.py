@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from vfio_emu.device import vfio_group_get_device_fd
-from vfio_emu.kernel import Kernel
-from vfio_emu.scenarios import PCI_NAME, PciOps, probe, remove
+from vfio_emu.check.scenarios import PCI_NAME, PciOps, probe, remove
+from vfio_emu.linux.kernel import Kernel
+from vfio_emu.linux.vfio import vfio_group_get_device_fd
 
 if TYPE_CHECKING:
     from conftest import Measure

@@ -20,7 +20,7 @@ import pytest
 
 import vfio_emu
 from vfio_emu import Arena, Completion, Kref, KrefArray, Refcount
-from vfio_emu import _binding as C
+from vfio_emu.shm import _binding as C
 
 if TYPE_CHECKING:
     from conftest import Measure
@@ -138,7 +138,7 @@ def test_noop_gil(measure: Measure, kref: Kref) -> None:
 @pytest.mark.benchmark(group="crossing")
 def test_ctypes_noop(measure: Measure, kref: Kref) -> None:
     """The same C no-op through ctypes: why the binding is cffi API mode."""
-    f = ctypes.CDLL(vfio_emu._core.__file__).vfio_noop
+    f = ctypes.CDLL(vfio_emu.shm._core.__file__).vfio_noop
     f.argtypes = [ctypes.c_void_p]
     f.restype = ctypes.c_int64
     p = int(C.ffi.cast("uintptr_t", kref._h))

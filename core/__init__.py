@@ -5,10 +5,6 @@ references: Refcount (refcount_t), Kref and Completion, each with the exact
 Linux v6.1 semantics, and a WARN log readable from every process.
 """
 
-from vfio_emu.arena import Arena, SlotInfo
-from vfio_emu.clock import MAX_SCHEDULE_TIMEOUT, Clock
-from vfio_emu.completion import ERESTARTSYS, UINT_MAX, Completion
-from vfio_emu.dmesg import WarnRecord
 from vfio_emu.errors import (
     ArenaClosedError,
     ArenaError,
@@ -22,8 +18,12 @@ from vfio_emu.errors import (
     InvalidHandleError,
     UseAfterFreeError,
 )
-from vfio_emu.handle import Handle, Token
-from vfio_emu.refcount import REFCOUNT_MAX, REFCOUNT_SATURATED, Kref, KrefArray, Refcount
+from vfio_emu.shm.arena import Arena, SlotInfo
+from vfio_emu.shm.clock import MAX_SCHEDULE_TIMEOUT, Clock
+from vfio_emu.shm.completion import ERESTARTSYS, UINT_MAX, Completion
+from vfio_emu.shm.dmesg import WarnRecord
+from vfio_emu.shm.handle import Handle, Token
+from vfio_emu.shm.refcount import REFCOUNT_MAX, REFCOUNT_SATURATED, Kref, KrefArray, Refcount
 
 __version__ = "0.1.0"
 

@@ -7,11 +7,14 @@ import json
 import sys
 from collections.abc import Sequence
 
-from vfio_emu import __version__, lkdtm
-from vfio_emu.arena import Arena
-from vfio_emu.errors import EmulatorError
-from vfio_emu.kernel import SEMANTICS, UNREGISTER_ORDERS, Kernel
-from vfio_emu.scenarios import SCENARIOS
+from vfio_emu import __version__
+from vfio_emu.check import lkdtm
+from vfio_emu.check.battery import check_driver
+from vfio_emu.check.scenarios import SCENARIOS
+from vfio_emu.errors import EmulatorError, PluginError
+from vfio_emu.linux.kernel import SEMANTICS, UNREGISTER_ORDERS, Kernel
+from vfio_emu.plugins.manager import Plugins
+from vfio_emu.shm.arena import Arena
 
 
 def _hex(value: int) -> str:
@@ -123,8 +126,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from vfio_emu.check import check_driver
-    from vfio_emu.plugin_manager import PluginError, Plugins
 
     try:
         plugins = Plugins()

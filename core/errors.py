@@ -1,6 +1,16 @@
-"""One small exception hierarchy, rooted at EmulatorError, for everything vfio-emu refuses."""
+"""Every exception vfio-emu raises, in one hierarchy rooted at EmulatorError.
+
+Two families.  Refusals: the caller passed something the emulated kernel
+cannot take (a bad argument, a stale handle, a broken segment, a plugin that
+does not fit the hookspecs).  Reported errors: the emulated kernel found a
+bug and recorded it as a Report (KASAN, an oops, a hang); the exception
+carries that report, so whoever catches it can show it without reporting it
+twice.
+"""
 
 from __future__ import annotations
+
+from vfio_emu.report import Report
 
 
 class EmulatorError(Exception):
@@ -45,3 +55,33 @@ class UseAfterFreeError(EmulatorError):
 
 class DoubleFreeError(UseAfterFreeError):
     """free() of an object that was already freed."""
+
+
+class PluginError(EmulatorError):
+    """A driver plugin could not be loaded or does not fit the hook specifications."""
+
+
+# -- reported errors: the emulated kernel found a bug and recorded it ------------------
+
+class ReportedError(EmulatorError):
+    """An error that stands for a report the emulated kernel has already recorded."""
+
+    def __init__(self, report: Report) -> None:
+        super().__init__(str(report))
+        self.report = report
+
+
+class KernelOops(ReportedError):
+    """The emulated kernel crashed (e.g. a NULL pointer dereference)."""
+
+
+class HangError(ReportedError):
+    """The watchdog ended a wait that would never finish (or lockdep one that would deadlock)."""
+
+
+class KasanUseAfterFree(ReportedError, UseAfterFreeError):
+    """KASAN: an access to kernel memory after kfree(), with the allocation and free stacks."""
+
+
+class KasanDoubleFree(ReportedError, DoubleFreeError):
+    """KASAN: kfree() of memory that was already freed."""

@@ -168,6 +168,6 @@ def _builder(module: str, functions: str, preamble: str = "",
 
 
 #: The standard cffi build: every call releases the GIL.
-ffibuilder = _builder("vfio_emu._core", CORE)
+ffibuilder = _builder("vfio_emu.shm._core", CORE)
 #: The hot path: refcount_t and non-sleeping completion calls, GIL kept.
-fastbuilder = _builder("vfio_emu._fast", FAST, KEEP_GIL, include=ffibuilder)
+fastbuilder = _builder("vfio_emu.shm._fast", FAST, KEEP_GIL, include=ffibuilder)

@@ -12,18 +12,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from vfio_emu.device import (
-    VfioDevice,
-    vfio_alloc_device,
-    vfio_free_device,
-    vfio_put_device,
-    vfio_register_emulated_iommu_dev,
-    vfio_unregister_group_dev,
-)
-from vfio_emu.hookspecs import hookimpl
-from vfio_emu.kernel import EINVAL, Kernel
-from vfio_emu.kobject import StructDevice, device_register, device_unregister, put_device
-from vfio_emu.mdev import (
+from vfio_emu.linux.device import StructDevice, device_register, device_unregister, put_device
+from vfio_emu.linux.errno import EINVAL
+from vfio_emu.linux.kernel import Kernel
+from vfio_emu.linux.mdev import (
     MdevDevice,
     MdevParent,
     mdev_device_create,
@@ -31,7 +23,16 @@ from vfio_emu.mdev import (
     mdev_register_parent,
     mdev_unregister_parent,
 )
-from vfio_emu.memory import embedded, kfree, kzalloc
+from vfio_emu.linux.slab import embedded, kfree, kzalloc
+from vfio_emu.linux.vfio import (
+    VfioDevice,
+    vfio_alloc_device,
+    vfio_free_device,
+    vfio_put_device,
+    vfio_register_emulated_iommu_dev,
+    vfio_unregister_group_dev,
+)
+from vfio_emu.plugins.hookspecs import hookimpl
 
 MAX_ZDEV_ENTRIES_EXT = 256
 
@@ -54,7 +55,7 @@ def _matrix(kernel: Kernel) -> MatrixDev:
 def driver_init(kernel: Kernel, driver: Any) -> None:
     """vfio_ap_mdev_register: the matrix device, then the mdev parent on it."""
     matrix = kzalloc(kernel, MatrixDev)
-    assert not isinstance(matrix, int)
+    assert matrix is not None
     matrix.release = kfree
     if device_register(matrix, "matrix"):
         put_device(matrix)  # never kfree once registered (ce3895735cc2)

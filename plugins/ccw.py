@@ -17,7 +17,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from vfio_emu.device import (
+from vfio_emu.linux.device import Device, StructDevice, device_del, device_register, put_device
+from vfio_emu.linux.errno import ENODEV, ENOMEM
+from vfio_emu.linux.kernel import Kernel
+from vfio_emu.linux.mdev import (
+    MdevDevice,
+    MdevParent,
+    mdev_device_create,
+    mdev_device_remove,
+    mdev_register_parent,
+    mdev_unregister_parent,
+)
+from vfio_emu.linux.slab import Tracked, embedded, kfree, kzalloc
+from vfio_emu.linux.vfio import (
     VfioDevice,
     holders_of,
     memset_vfio_device,
@@ -27,18 +39,7 @@ from vfio_emu.device import (
     vfio_register_emulated_iommu_dev,
     vfio_unregister_group_dev,
 )
-from vfio_emu.hookspecs import hookimpl
-from vfio_emu.kernel import ENODEV, ENOMEM, Device, Kernel
-from vfio_emu.kobject import StructDevice, device_del, device_register, put_device
-from vfio_emu.mdev import (
-    MdevDevice,
-    MdevParent,
-    mdev_device_create,
-    mdev_device_remove,
-    mdev_register_parent,
-    mdev_unregister_parent,
-)
-from vfio_emu.memory import Tracked, embedded, kfree, kzalloc
+from vfio_emu.plugins.hookspecs import hookimpl
 
 TYPES = ["io"]  # vfio_ccw-io
 NOT_OPER, STANDBY = "NOT_OPER", "STANDBY"
@@ -61,8 +62,8 @@ class CcwPrivate61(VfioDevice):
 def css_probe_61(kernel: Kernel, driver: Any, sch: Device) -> int:
     """vfio_ccw_sch_probe: the private for the subchannel's whole life; the mdev parent."""
     private = kzalloc(kernel, CcwPrivate61)
-    if isinstance(private, int):
-        return private
+    if private is None:
+        return -ENOMEM
     private.sch = sch
     private.fsm_state = STANDBY
     private.release_comp = kernel.arena.completion(label="release_comp")
@@ -126,8 +127,8 @@ class CcwPrivate62(VfioDevice):
 def css_probe_62(kernel: Kernel, driver: Any, sch: Device) -> int:
     """vfio_ccw_sch_probe (v6.2): register the parent device, then the mdev parent."""
     parent = kzalloc(kernel, CcwParent)
-    if isinstance(parent, int):
-        return parent
+    if parent is None:
+        return -ENOMEM
     parent.release = kfree
     ret = device_register(parent, "parent")
     if ret:
@@ -161,7 +162,7 @@ def init(vdev: VfioDevice) -> int:
         return 0
     assert vdev.dev is not None
     region = kzalloc(vdev.dev.kernel, IoRegion)
-    if isinstance(region, int):
+    if region is None:
         return -ENOMEM
     vdev.io_region = region
     vdev.fsm_state = STANDBY

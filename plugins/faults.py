@@ -13,7 +13,7 @@ from collections.abc import Generator
 from typing import Any
 
 from vfio_emu.errors import InvalidArgumentError
-from vfio_emu.hookspecs import hookimpl
+from vfio_emu.plugins.hookspecs import hookimpl
 
 STEPS = ("init", "open_device")
 

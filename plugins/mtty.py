@@ -13,17 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from vfio_emu.device import (
-    VfioDevice,
-    vfio_alloc_device,
-    vfio_free_device,
-    vfio_put_device,
-    vfio_register_emulated_iommu_dev,
-    vfio_unregister_group_dev,
-)
-from vfio_emu.hookspecs import hookimpl
-from vfio_emu.kernel import ENOMEM, ENOSPC, Kernel
-from vfio_emu.mdev import (
+from vfio_emu.linux.errno import ENOMEM, ENOSPC
+from vfio_emu.linux.kernel import Kernel
+from vfio_emu.linux.mdev import (
     MdevDevice,
     MdevParent,
     MdevType,
@@ -32,7 +24,16 @@ from vfio_emu.mdev import (
     mdev_register_parent,
     mdev_unregister_parent,
 )
-from vfio_emu.memory import Tracked, kfree, kzalloc
+from vfio_emu.linux.slab import Tracked, kfree, kzalloc
+from vfio_emu.linux.vfio import (
+    VfioDevice,
+    vfio_alloc_device,
+    vfio_free_device,
+    vfio_put_device,
+    vfio_register_emulated_iommu_dev,
+    vfio_unregister_group_dev,
+)
+from vfio_emu.plugins.hookspecs import hookimpl
 
 MAX_FIFOS = 24  # the port pool: MAX_MTTYS * 2 in the C sample
 TYPES = {"mtty-1": 1, "mtty-2": 2}  # type name -> ports per instance
@@ -64,12 +65,14 @@ def _globals(kernel: Kernel) -> Globals:
 @hookimpl
 def driver_init(kernel: Kernel, driver: Any) -> None:
     g = kzalloc(kernel, Globals)
-    assert not isinstance(g, int)
+    assert g is not None
     kernel.module_data["mtty"] = g
-    g.parent = kzalloc(kernel, MdevParent)
+    parent = kzalloc(kernel, MdevParent)
+    assert parent is not None
+    g.parent = parent
     adapter = driver.mdev_driver(kernel, get_available=lambda mtype: g.avail_ports //
                                  TYPES[mtype.name])
-    mdev_register_parent(g.parent, kernel.device("mtty"), adapter, list(TYPES))
+    mdev_register_parent(parent, kernel.device("mtty"), adapter, list(TYPES))
 
 
 @hookimpl
@@ -95,7 +98,7 @@ def init(vdev: MdevState) -> int:
     vdev.globals = g  # the C code reaches its statics; the mdev may be gone by release
     vdev.nr_ports = nr_ports
     vconfig = kzalloc(mdev.kernel, VConfig)
-    if isinstance(vconfig, int):
+    if vconfig is None:
         g.avail_ports += nr_ports
         return -ENOMEM
     vdev.vconfig = vconfig

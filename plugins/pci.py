@@ -16,18 +16,21 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from vfio_emu.device import (
+from vfio_emu.linux.device import Device
+from vfio_emu.linux.errno import EINVAL, ENOMEM
+from vfio_emu.linux.kernel import Kernel
+from vfio_emu.linux.slab import Tracked, kfree, kzalloc
+from vfio_emu.linux.vfio import (
     VfioDevice,
     vfio_alloc_device,
+    vfio_assign_device_set,
+    vfio_device_set_open_count,
     vfio_free_device,
     vfio_put_device,
     vfio_register_group_dev,
     vfio_unregister_group_dev,
 )
-from vfio_emu.devset import vfio_assign_device_set, vfio_device_set_open_count
-from vfio_emu.hookspecs import hookimpl
-from vfio_emu.kernel import EINVAL, Device, Kernel
-from vfio_emu.memory import Tracked, kfree, kzalloc
+from vfio_emu.plugins.hookspecs import hookimpl
 
 #: vfio_pci_dev_in_denylist(): devices vfio-pci refuses to bind.
 DENYLIST = frozenset({"0000:00:1f.3"})
@@ -88,8 +91,8 @@ def release(vdev: VfioPciCoreDevice) -> None:
 def open_device(vdev: VfioPciCoreDevice) -> int:
     """vfio_pci_core_enable: the regions are built here."""
     region = kzalloc(vdev.pdev.kernel, Regions)
-    if isinstance(region, int):
-        return region
+    if region is None:
+        return -ENOMEM
     vdev.region = region
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-from vfio_emu.hookspecs import hookimpl
+from vfio_emu.plugins.hookspecs import hookimpl
 
 
 def _record(vdev: Any, op: str) -> Generator[None, Any, Any]:

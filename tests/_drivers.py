@@ -12,7 +12,9 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from vfio_emu.device import (
+from vfio_emu.linux.kernel import Kernel
+from vfio_emu.linux.slab import Tracked, mem_of
+from vfio_emu.linux.vfio import (
     VfioDevice,
     memset_vfio_device,
     vfio_alloc_device,
@@ -22,8 +24,6 @@ from vfio_emu.device import (
     vfio_register_group_dev,
     vfio_unregister_group_dev,
 )
-from vfio_emu.kernel import Kernel
-from vfio_emu.memory import Tracked, mem_of
 
 Hook = Callable[..., Any]
 

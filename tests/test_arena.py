@@ -34,7 +34,7 @@ from vfio_emu import (
     Token,
     UseAfterFreeError,
 )
-from vfio_emu import _binding as C
+from vfio_emu.shm import _binding as C
 
 SHM = "/dev/shm/"
 

@@ -7,12 +7,18 @@ import threading
 import pytest
 from _workers import FAST_CLOCK
 
-from vfio_emu.device import State, core_of, vfio_group_get_device_fd
 from vfio_emu.errors import UseAfterFreeError
-from vfio_emu.kernel import ENOMEM, Kernel
-from vfio_emu.mdev import mdev_device_create, mdev_device_remove, mdev_get_device, mdev_put_device
-from vfio_emu.plugin_manager import Plugins
+from vfio_emu.linux.errno import ENOMEM
+from vfio_emu.linux.kernel import Kernel
+from vfio_emu.linux.mdev import (
+    mdev_device_create,
+    mdev_device_remove,
+    mdev_get_device,
+    mdev_put_device,
+)
+from vfio_emu.linux.vfio import State, core_of, vfio_group_get_device_fd
 from vfio_emu.plugins import ccw as ccw_plugin
+from vfio_emu.plugins.manager import Plugins
 
 
 def _seed_vdev_late() -> int:

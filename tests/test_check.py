@@ -6,9 +6,11 @@ import json
 
 import pytest
 
-from vfio_emu.check import check_driver
+from vfio_emu.check.battery import check_driver
 from vfio_emu.cli import main
-from vfio_emu.device import (
+from vfio_emu.linux.errno import ENOMEM
+from vfio_emu.linux.slab import Tracked, kfree, kzalloc
+from vfio_emu.linux.vfio import (
     VfioDevice,
     vfio_alloc_device,
     vfio_free_device,
@@ -16,11 +18,9 @@ from vfio_emu.device import (
     vfio_register_group_dev,
     vfio_unregister_group_dev,
 )
-from vfio_emu.hookspecs import hookimpl
-from vfio_emu.kernel import ENOMEM
-from vfio_emu.memory import Tracked, kfree, kzalloc
-from vfio_emu.plugin_manager import ALLOW_ENV, Plugins
 from vfio_emu.plugins import ccw as ccw_plugin
+from vfio_emu.plugins.hookspecs import hookimpl
+from vfio_emu.plugins.manager import ALLOW_ENV, Plugins
 
 MODES = [("v6.1", False), ("v6.1", True), ("v6.2", False), ("v6.2", True)]
 
@@ -35,10 +35,10 @@ class BusDriver:
     @hookimpl
     def init(self, vdev):
         a = kzalloc(vdev.dev.kernel, Buf)
-        if isinstance(a, int):
-            return a
+        if a is None:
+            return -ENOMEM
         b = kzalloc(vdev.dev.kernel, Buf)
-        if isinstance(b, int):
+        if b is None:
             kfree(a)
             return -ENOMEM
         vdev.bufs = (a, b)
@@ -75,10 +75,10 @@ class LeakyInit(BusDriver):
     @hookimpl
     def init(self, vdev):
         a = kzalloc(vdev.dev.kernel, Buf)
-        if isinstance(a, int):
-            return a
+        if a is None:
+            return -ENOMEM
         b = kzalloc(vdev.dev.kernel, Buf)
-        if isinstance(b, int):
+        if b is None:
             return -ENOMEM  # BUG: a leaks; release is not called for a failed init
         vdev.bufs = (a, b)
         return 0
@@ -241,14 +241,14 @@ class CcwParentKfreeOnRegisterFailure:
     @hookimpl
     def check_bind(kernel, driver, name):
         """vfio_ccw_sch_probe (v6.2) with the old unwind, then an mdev of it."""
-        from vfio_emu.kobject import device_del, device_register, put_device
-        from vfio_emu.mdev import MdevParent, mdev_device_create, mdev_register_parent
-        from vfio_emu.memory import embedded
+        from vfio_emu.linux.device import device_del, device_register, put_device
+        from vfio_emu.linux.mdev import MdevParent, mdev_device_create, mdev_register_parent
+        from vfio_emu.linux.slab import embedded
 
         sch = kernel.device(f"{name}.sch")
         parent = kzalloc(kernel, ccw_plugin.CcwParent)
-        if isinstance(parent, int):
-            return parent
+        if parent is None:
+            return -ENOMEM
         parent.release = kfree
         ret = device_register(parent, "parent")
         if ret:

@@ -30,7 +30,7 @@ from vfio_emu import (
     InvalidArgumentError,
     UseAfterFreeError,
 )
-from vfio_emu.completion import WAIT_SLICE_NS
+from vfio_emu.shm.completion import WAIT_SLICE_NS
 
 signal_test = pytest.mark.timeout(60, method="thread")
 

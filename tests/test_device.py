@@ -32,14 +32,44 @@ from _drivers import (
 )
 
 from vfio_emu import REFCOUNT_SATURATED
-from vfio_emu.device import (
+from vfio_emu.errors import (
+    EmulatorError,
+    HangError,
+    InvalidArgumentError,
+    KernelOops,
+    UseAfterFreeError,
+)
+from vfio_emu.linux.device import (
+    StructDevice,
+    dev_set_name,
+    device_add,
+    device_initialize,
+    device_register,
+    device_unregister,
+)
+from vfio_emu.linux.device import put_device as put_device_struct
+from vfio_emu.linux.errno import EBUSY, EINVAL, ENODEV, ENOMEM, EUSERS
+from vfio_emu.linux.kernel import Kernel
+from vfio_emu.linux.mdev import (
+    MdevParent,
+    mdev_device_create,
+    mdev_device_remove,
+    mdev_get_device,
+    mdev_put_device,
+    mdev_register_parent,
+    mdev_unregister_parent,
+)
+from vfio_emu.linux.slab import kfree, kvfree, kzalloc
+from vfio_emu.linux.vfio import (
     DeviceFile,
     State,
     core_of,
     get_device,
     put_device,
     vfio_alloc_device,
+    vfio_assign_device_set,
     vfio_device_put_registration,
+    vfio_device_set_open_count,
     vfio_device_try_get_registration,
     vfio_free_device,
     vfio_group_get_device_fd,
@@ -49,37 +79,6 @@ from vfio_emu.device import (
     vfio_register_group_dev,
     vfio_unregister_group_dev,
 )
-from vfio_emu.devset import vfio_assign_device_set, vfio_device_set_open_count
-from vfio_emu.errors import EmulatorError, InvalidArgumentError, UseAfterFreeError
-from vfio_emu.kernel import (
-    EBUSY,
-    EINVAL,
-    ENODEV,
-    ENOMEM,
-    EUSERS,
-    HangError,
-    Kernel,
-    KernelOops,
-)
-from vfio_emu.kobject import (
-    StructDevice,
-    dev_set_name,
-    device_add,
-    device_initialize,
-    device_register,
-    device_unregister,
-)
-from vfio_emu.kobject import put_device as put_device_struct
-from vfio_emu.mdev import (
-    MdevParent,
-    mdev_device_create,
-    mdev_device_remove,
-    mdev_get_device,
-    mdev_put_device,
-    mdev_register_parent,
-    mdev_unregister_parent,
-)
-from vfio_emu.memory import kfree, kvfree, kzalloc
 from vfio_emu.report import Report
 
 BOTH = pytest.mark.parametrize("semantics", ["v6.1", "v6.2"])

@@ -11,7 +11,8 @@ import json
 
 import pytest
 
-from vfio_emu import REFCOUNT_MAX, REFCOUNT_SATURATED, Arena, lkdtm
+from vfio_emu import REFCOUNT_MAX, REFCOUNT_SATURATED, Arena
+from vfio_emu.check import lkdtm
 from vfio_emu.cli import main
 
 SAT = REFCOUNT_SATURATED

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from _workers import FAST_CLOCK
 
-from vfio_emu.device import vfio_group_get_device_fd
-from vfio_emu.kernel import EINVAL, Kernel
-from vfio_emu.plugin_manager import Plugins
+from vfio_emu.linux.errno import EINVAL
+from vfio_emu.linux.kernel import Kernel
+from vfio_emu.linux.vfio import vfio_group_get_device_fd
+from vfio_emu.plugins.manager import Plugins
 from vfio_emu.plugins.pci import set_req_trigger
 
 

@@ -9,7 +9,11 @@ import threading
 import pytest
 from _workers import FAST_CLOCK
 
-from vfio_emu.device import (
+from vfio_emu.errors import HangError, KernelOops, PluginError
+from vfio_emu.linux.errno import ENOMEM
+from vfio_emu.linux.kernel import Kernel
+from vfio_emu.linux.mdev import mdev_device_create, mdev_device_remove
+from vfio_emu.linux.vfio import (
     VfioDevice,
     get_device,
     put_device,
@@ -20,10 +24,8 @@ from vfio_emu.device import (
     vfio_register_group_dev,
     vfio_unregister_group_dev,
 )
-from vfio_emu.hookspecs import hookimpl
-from vfio_emu.kernel import ENOMEM, HangError, Kernel, KernelOops
-from vfio_emu.mdev import mdev_device_create, mdev_device_remove
-from vfio_emu.plugin_manager import ALLOW_ENV, TRACE_ENV, PluginError, Plugins
+from vfio_emu.plugins.hookspecs import hookimpl
+from vfio_emu.plugins.manager import ALLOW_ENV, TRACE_ENV, Plugins
 
 
 @pytest.fixture
@@ -198,8 +200,8 @@ def test_hook_tracing_from_the_environment_prints_every_call(monkeypatch, capfd,
 
 def test_a_third_party_driver_is_discovered_by_its_entry_point(tmp_path, monkeypatch, kernel):
     (tmp_path / "acme_vfio.py").write_text(textwrap.dedent('''
-        from vfio_emu.hookspecs import hookimpl
-        from vfio_emu.device import (VfioDevice, vfio_alloc_device, vfio_put_device,
+        from vfio_emu.plugins.hookspecs import hookimpl
+        from vfio_emu.linux.vfio import (VfioDevice, vfio_alloc_device, vfio_put_device,
                                      vfio_register_group_dev, vfio_unregister_group_dev)
 
         @hookimpl

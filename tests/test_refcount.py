@@ -551,7 +551,7 @@ def test_kref_array_same_kref_twice_counts_twice_and_releases_once(arena):
 # ---- batches and threads --------------------------------------------------------------------
 
 def test_get_many_and_put_many_beyond_one_chunk_count_exactly(arena):
-    from vfio_emu.refcount import BATCH_CHUNK
+    from vfio_emu.shm.refcount import BATCH_CHUNK
 
     k = arena.kref()
     n = 2 * BATCH_CHUNK + 3

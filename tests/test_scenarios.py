@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from vfio_emu.check.scenarios import SCENARIOS
 from vfio_emu.cli import main
-from vfio_emu.scenarios import SCENARIOS
 
 GOOD = [s.name for s in SCENARIOS.values() if not s.buggy]
 MODES = [("v6.1", False), ("v6.1", True), ("v6.2", False), ("v6.2", True)]

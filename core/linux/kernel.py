@@ -14,26 +14,17 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from vfio_emu.arena import Arena
-from vfio_emu.dmesg import caller_stack
-from vfio_emu.errors import EmulatorError, InvalidArgumentError
+from vfio_emu.errors import HangError, InvalidArgumentError, KernelOops, ReportedError
+from vfio_emu.linux.device import Device
+from vfio_emu.linux.errno import ENOMEM
+from vfio_emu.linux.trace import Trace
 from vfio_emu.report import Report
-from vfio_emu.trace import Trace
+from vfio_emu.shm.arena import Arena
+from vfio_emu.shm.completion import Completion
+from vfio_emu.stack import caller_stack
 
-if TYPE_CHECKING:
-    from vfio_emu.device import DeviceFile, VfioDevice
-    from vfio_emu.devset import DeviceSet
-
-# The errnos the life cycle returns, negated as the kernel returns them.
-EPERM = 1
-ENOMEM = 12
-EBUSY = 16
-ENODEV = 19
-EEXIST = 17
-EINVAL = 22
-ENOSPC = 28
-EAGAIN = 11
-EUSERS = 87
+if TYPE_CHECKING:  # annotations only: vfio sits above the kernel state it uses
+    from vfio_emu.linux.vfio import DeviceFile, DeviceSet, VfioDevice
 
 #: ida_alloc_max(&vfio.device_ida, MINORMASK): the largest vfio device index.
 MINORMASK = (1 << 20) - 1
@@ -43,44 +34,6 @@ FAULT_POINTS = ("register", "mdev_create")
 #: "v6.1": the device stays on the group list while unregister waits (re-open race);
 #: "unlink-first": the later order, unlinked and device_del'd before the wait.
 UNREGISTER_ORDERS = ("v6.1", "unlink-first")
-
-
-class ReportedError(EmulatorError):
-    """An error that stands for a report already recorded (its .report)."""
-
-    def __init__(self, report: Report) -> None:
-        super().__init__(str(report))
-        self.report = report
-
-
-class KernelOops(ReportedError):
-    """The emulated kernel crashed (e.g. a NULL pointer dereference)."""
-
-
-class HangError(ReportedError):
-    """The watchdog ended a wait that would never finish."""
-
-
-class Device:
-    """A parent struct device (e.g. &pdev->dev): a name, driver data, and its kernel.
-
-    A bus device (a PCI function, a subchannel) outlives everything here, so
-    its references are not counted; an mdev device is (see vfio_emu.mdev).
-    """
-
-    def __init__(self, kernel: Kernel, name: str) -> None:
-        self.kernel = kernel
-        self.name = name
-        self.drvdata: Any = None
-
-    def __repr__(self) -> str:
-        return f"<Device {self.name}>"
-
-    def get_ref(self) -> None:
-        """get_device() by a child's device_add(): nothing to count for a bus device."""
-
-    def put_ref(self) -> None:
-        """put_device() by a child's device_del()."""
 
 
 class Kernel:
@@ -258,7 +211,7 @@ class Kernel:
             try:
                 fn()
             except BaseException as e:  # a release that crashed: never lose it
-                if getattr(e, "report", None) is None:  # not already reported
+                if not isinstance(e, ReportedError):  # not already reported
                     self.report("oops", f"BUG: {what} raised {type(e).__name__}: {e}")
 
         t = threading.Thread(target=work, name=f"kworker:{what}", daemon=True)
@@ -295,8 +248,6 @@ class Kernel:
         """wait_for_completion() as a driver calls it (uninterruptible, no timeout) - but
         after watchdog_s emulated seconds, a hang report of what is waited for and who
         holds it, and HangError instead of waiting forever."""
-        from vfio_emu.completion import Completion
-
         if not isinstance(comp, Completion):
             raise InvalidArgumentError(f"wait_for_completion: {comp!r} is not a Completion")
         waited = 0
@@ -319,22 +270,21 @@ class Kernel:
         It records nothing itself, so it can be asked any number of times; it first
         waits for pending delayed releases, which may report what they find.
         """
-        from vfio_emu.memory import mem_of
-
         self.flush()
+        dev_sets = list(self.dev_sets.values())
+        set_ids = {id(dev_set) for dev_set in dev_sets}  # listed as sets, below
         found = [Report("leak", f"unreferenced object {mem.what}",
                         "memory allocated and never freed",
                         (("allocated by", str(mem.alloc_stack)),))
-                 for mem in list(self.allocations.values())
-                 if not getattr(mem, "is_device_set", False)]
+                 for key, mem in list(self.allocations.items()) if key not in set_ids]
         found += [Report("leak", f"vfio device index {index} (vfio{index}) was never "
                          "returned to the ida", stacks=(("taken by", str(stack)),))
                   for index, stack in sorted(self.ida.items())]
         found += [Report("leak", f"vfio_device_set {dev_set.describe()} still alive with "
                          f"device_count {dev_set.device_count}",
-                         stacks=(("allocated by", str(getattr(mem_of(dev_set), "alloc_stack",
-                                                              ""))),))
-                  for dev_set in list(self.dev_sets.values())]
+                         stacks=(("allocated by", str(getattr(self.allocations.get(id(dev_set)),
+                                                              "alloc_stack", ""))),))
+                  for dev_set in dev_sets]
         found += [Report("leak", f"{f} was never closed", stacks=(("opened by",
                                                                    str(f.open_stack)),))
                   for f in list(self.files)]

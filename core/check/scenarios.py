@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vfio_emu.device import (
+from vfio_emu.linux.kernel import Kernel
+from vfio_emu.linux.slab import Tracked, kfree, kzalloc
+from vfio_emu.linux.vfio import (
     DeviceFile,
     VfioDevice,
     vfio_alloc_device,
@@ -20,8 +22,6 @@ from vfio_emu.device import (
     vfio_register_group_dev,
     vfio_unregister_group_dev,
 )
-from vfio_emu.kernel import Kernel
-from vfio_emu.memory import Tracked, kfree, kzalloc
 
 PCI_NAME = "0000:00:04.0"
 
@@ -160,8 +160,9 @@ class Shared(Tracked):
 def assume_sync_release(kernel: Kernel) -> None:
     """Frees state right after the final put, assuming release already ran (class 10):
     with --delayed-release the release then writes freed memory."""
-    shared = kzalloc(kernel, Shared)
-    assert not isinstance(shared, int)
+    allocated = kzalloc(kernel, Shared)
+    assert allocated is not None
+    shared = allocated
 
     class Ops(PciOps):
         def release(self, vdev: VfioDevice) -> None:

@@ -1,24 +1,25 @@
-"""Kernel memory: structs that KASAN watches.  After kfree every access is a use-after-free.
+"""Kernel memory (include/linux/slab.h): kzalloc/kfree, watched by KASAN.
 
 A struct the emulated kernel allocates (the driver's private struct with its
 embedded vfio_device, an mdev parent, an mdev device) subclasses Tracked and
 comes from kzalloc().  Freeing it poisons it: any later attribute read or
 write through a stale reference is reported with the Python stacks of the
 allocation and of the free, as KASAN prints them, and raises
-UseAfterFreeError.  A second free is KASAN's double-free.
+KasanUseAfterFree (a UseAfterFreeError carrying its report).  A second free
+is KASAN's double-free.  kzalloc() returns None (NULL) when failslab fails it.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from vfio_emu.dmesg import Stack, caller_stack, capture_stack
-from vfio_emu.errors import DoubleFreeError, InvalidArgumentError, UseAfterFreeError
+from vfio_emu.errors import InvalidArgumentError, KasanDoubleFree, KasanUseAfterFree
+from vfio_emu.stack import Stack, caller_stack, capture_stack
 
-if TYPE_CHECKING:
-    from vfio_emu.kernel import Kernel
+if TYPE_CHECKING:  # annotations only: the kernel state sits above its memory
+    from vfio_emu.linux.kernel import Kernel
 
 _T = TypeVar("_T", bound="Tracked")
 
@@ -70,8 +71,8 @@ class Tracked:
         """Hook: give back what the struct held."""
 
 
-def use_after_free(obj: object, access: str) -> None:
-    """KASAN's report for an access to freed memory, then UseAfterFreeError."""
+def use_after_free(obj: object, access: str) -> NoReturn:
+    """KASAN's report for an access to freed memory, raised as KasanUseAfterFree."""
     mem = mem_of(obj)
     assert mem is not None and mem.freed
     rep = mem.kernel.report(
@@ -80,22 +81,16 @@ def use_after_free(obj: object, access: str) -> None:
         (("Call Trace", capture_stack(internal=True)),
          (f"Allocated by task {mem.alloc_pid}", mem.alloc_stack),
          (f"Freed by task {mem.free_pid}", mem.free_stack)))
-    raise _reported(UseAfterFreeError(str(rep)), rep)
+    raise KasanUseAfterFree(rep)
 
 
-def _reported(error: Exception, report: Any) -> Exception:
-    """Attach the report an exception stands for, so nobody reports it twice."""
-    error.report = report  # type: ignore[attr-defined]
-    return error
-
-
-def kzalloc(kernel: Kernel, cls: type[_T]) -> _T:
-    """kzalloc(sizeof(struct ...)): a zeroed struct of this kernel, tracked until kfree."""
+def kzalloc(kernel: Kernel, cls: type[_T]) -> _T | None:
+    """kzalloc(sizeof(struct ...)): a zeroed struct of this kernel, tracked until kfree;
+    None (NULL) when an injected allocation failure is due, as failslab makes it."""
     if not (isinstance(cls, type) and issubclass(cls, Tracked)):
         raise InvalidArgumentError(f"kzalloc: {cls!r} is not a kernel struct (Tracked)")
-    fail = kernel.should_fail_alloc(cls.__name__)
-    if fail:
-        return fail  # type: ignore[return-value]  # -ENOMEM, as failslab injects it
+    if kernel.should_fail_alloc(cls.__name__):
+        return None
     obj = object.__new__(cls)
     d = object.__getattribute__(obj, "__dict__")
     d["_kmem"] = Memory(kernel, f"{cls.__name__}@{id(obj):#x}", capture_stack())
@@ -119,7 +114,7 @@ def kfree(obj: Tracked) -> None:
             stacks=(("Call Trace", caller_stack()),
                     (f"Allocated by task {mem.alloc_pid}", mem.alloc_stack),
                     (f"Freed by task {mem.free_pid}", mem.free_stack)))
-        raise _reported(DoubleFreeError(str(rep)), rep)
+        raise KasanDoubleFree(rep)
     object.__getattribute__(obj, "_kfree")()
     mem.freed = True
     mem.free_stack = capture_stack()

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-from vfio_emu import _binding as C
-from vfio_emu import dmesg
 from vfio_emu.errors import (
     ArenaClosedError,
     DoubleFreeError,
@@ -22,9 +20,11 @@ from vfio_emu.errors import (
     InvalidHandleError,
     UseAfterFreeError,
 )
+from vfio_emu.shm import _binding as C
+from vfio_emu.shm import dmesg
 
 if TYPE_CHECKING:
-    from vfio_emu.arena import Arena
+    from vfio_emu.shm.arena import Arena
 
 KIND_NAMES = C.KIND_NAMES
 KIND_BY_NAME = {name: kind for kind, name in KIND_NAMES.items()}
@@ -87,9 +87,9 @@ class Handle:
         return Token(self._arena.name, KIND_NAMES[self.KIND], self.index, self.gen)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        from vfio_emu.arena import _reopen
-
-        return (_reopen, (self._arena.name, self.KIND, self.index, self.gen))
+        # The arena's bound _open pickles as the arena (attached, or reused, on the other
+        # side) and the method name: unpickling reopens the same object there.
+        return (self._arena._open, (self.KIND, self.index, self.gen))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._describe()}>"

@@ -10,20 +10,16 @@ use-after-free, WARN, oops or hang - and the leak check finds nothing.
 from __future__ import annotations
 
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from vfio_emu.device import (
-    DeviceFile,
-    State,
-    core_of,
-    vfio_group_get_device_fd,
-)
-from vfio_emu.errors import EmulatorError
-from vfio_emu.kernel import FAULT_POINTS, Kernel
-from vfio_emu.plugin_manager import Driver
+from vfio_emu.errors import EmulatorError, ReportedError
+from vfio_emu.linux.kernel import FAULT_POINTS, Kernel
+from vfio_emu.linux.vfio import DeviceFile, State, core_of, vfio_group_get_device_fd
+from vfio_emu.plugins.manager import Driver
 from vfio_emu.report import Report
 
 NAME = "vfio-emu-check-0"
@@ -161,7 +157,7 @@ def _run(driver: Driver, name: str, body: Callable[[Driver, Kernel], None],
             try:
                 body(driver, kernel)
             except Exception as e:  # a driver's own bug is a verdict, not a crash
-                if getattr(e, "report", None) is None:
+                if not isinstance(e, ReportedError):
                     verdict.error = _describe(e)
             return _finish(driver, kernel, verdict)
     except Exception as e:
@@ -171,8 +167,6 @@ def _run(driver: Driver, name: str, body: Callable[[Driver, Kernel], None],
 
 def _describe(e: BaseException) -> str:
     """An exception as one line, with where it was raised."""
-    import traceback
-
     where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
     at = f" at {where.filename.rsplit('/', 1)[-1]}:{where.lineno}" if where else ""
     return f"{type(e).__name__}{at}: {(str(e).splitlines() or [''])[0]}"

@@ -1,20 +1,48 @@
-"""A refcounted struct device of the driver's own (vfio-ccw's v6.2 parent, vfio-ap's matrix_dev).
+"""struct device (include/linux/device.h) and the kobject inside it.
 
-device_register() = device_initialize() + device_add(); once initialized,
-the device must go with put_device(), whose release frees it - never with
-kfree(): that leaks the kobject's name (what ce3895735cc2 fixed) and skips
-the release.
+Two kinds.  A bus device (a PCI function, a subchannel) outlives everything
+the emulation does to it, so its references are not counted.  A refcounted
+struct device of the driver's own (vfio-ccw's v6.2 parent, vfio-ap's
+matrix_dev) or of the mdev core is kernel memory: device_register() =
+device_initialize() + device_add(); once initialized it must go with
+put_device(), whose release frees it - never with kfree(): that leaks the
+kobject's name (what ce3895735cc2 fixed) and skips the release.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vfio_emu.dmesg import capture_stack
 from vfio_emu.errors import InvalidArgumentError
-from vfio_emu.kernel import Device, Kernel
-from vfio_emu.memory import Tracked, kfree, kzalloc, mem_of
+from vfio_emu.linux.errno import ENOMEM
+from vfio_emu.linux.slab import Tracked, kfree, kzalloc, mem_of
+from vfio_emu.stack import capture_stack
+
+if TYPE_CHECKING:  # annotations only: the kernel state holds the bus devices
+    from vfio_emu.linux.kernel import Kernel
+
+
+class Device:
+    """A parent struct device (e.g. &pdev->dev): a name, driver data, and its kernel.
+
+    A bus device (a PCI function, a subchannel) outlives everything here, so
+    its references are not counted; a StructDevice's are (an mdev's, say).
+    """
+
+    def __init__(self, kernel: Kernel, name: str) -> None:
+        self.kernel = kernel
+        self.name = name
+        self.drvdata: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Device {self.name}>"
+
+    def get_ref(self) -> None:
+        """get_device() by a child's device_add(): nothing to count for a bus device."""
+
+    def put_ref(self) -> None:
+        """put_device() by a child's device_del()."""
 
 
 class KName(Tracked):
@@ -74,8 +102,8 @@ def dev_set_name(dev: StructDevice, name: str) -> int:
     """Allocate the device's name; 0 or -ENOMEM."""
     _check(dev, "dev_set_name")
     kname = kzalloc(dev.kernel, KName)
-    if isinstance(kname, int):
-        return kname
+    if kname is None:
+        return -ENOMEM
     kname.text = name
     mem = mem_of(kname)
     assert mem is not None

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import time
 
-from vfio_emu import _binding as C
-from vfio_emu.clock import MAX_SCHEDULE_TIMEOUT
 from vfio_emu.errors import InvalidArgumentError
-from vfio_emu.handle import Handle
+from vfio_emu.shm import _binding as C
+from vfio_emu.shm.clock import MAX_SCHEDULE_TIMEOUT
+from vfio_emu.shm.handle import Handle
 
 #: The kernel's "restart the syscall" status; interruptible waits return -ERESTARTSYS.
 ERESTARTSYS = 512

@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Optional
 
-from vfio_emu import _binding as C
 from vfio_emu.errors import InvalidArgumentError
-from vfio_emu.handle import Handle, int32
+from vfio_emu.shm import _binding as C
+from vfio_emu.shm.handle import _ARENA_ONLY, Handle, int32
 
 if TYPE_CHECKING:
-    from vfio_emu.arena import Arena
+    from vfio_emu.shm.arena import Arena
 
 REFCOUNT_MAX: int = C.REFCOUNT_MAX
 #: INT_MIN / 2, as refcount_read() returns it (unsigned): 0xC0000000.
@@ -156,8 +156,6 @@ class Kref(Handle):
     @property
     def refcount(self) -> Refcount:
         """kref->refcount: the refcount_t inside, for code that uses it directly."""
-        from vfio_emu.handle import _ARENA_ONLY
-
         return Refcount(self._arena, self._h, self._label, _key=_ARENA_ONLY)
 
     def init(self) -> None:

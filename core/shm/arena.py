@@ -19,11 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from vfio_emu import _binding as C
-from vfio_emu import dmesg as _dmesg
-from vfio_emu.clock import Clock
-from vfio_emu.completion import WAIT_SLICE_NS, Completion
-from vfio_emu.dmesg import WarnRecord
 from vfio_emu.errors import (
     ArenaClosedError,
     ArenaError,
@@ -36,8 +31,14 @@ from vfio_emu.errors import (
     InvalidHandleError,
     UseAfterFreeError,
 )
-from vfio_emu.handle import _ARENA_ONLY, KIND_BY_NAME, KIND_NAMES, Handle, Token, int32
-from vfio_emu.refcount import Kref, Refcount
+from vfio_emu.shm import _binding as C
+from vfio_emu.shm import dmesg as _dmesg
+from vfio_emu.shm.clock import Clock
+from vfio_emu.shm.completion import WAIT_SLICE_NS, Completion
+from vfio_emu.shm.dmesg import WarnRecord
+from vfio_emu.shm.handle import _ARENA_ONLY, KIND_BY_NAME, KIND_NAMES, Handle, Token, int32
+from vfio_emu.shm.refcount import Kref, Refcount
+from vfio_emu.stack import caller_stack
 
 _H = TypeVar("_H", bound=Handle)
 _CLASSES: dict[int, type[Handle]] = {
@@ -125,7 +126,7 @@ class Arena:
         """Create a new segment exclusively (mode 0600) and own it.
 
         capacity: number of object slots (1 to 4 Mi).  hz and time_scale
-        set the emulated clock (see vfio_emu.clock).  warn_capacity: how
+        set the emulated clock (see vfio_emu.shm.clock).  warn_capacity: how
         many WARN records the ring keeps before overwriting the oldest.
         """
         if name is None:
@@ -339,7 +340,7 @@ class Arena:
             object_index=obj.index if obj is not None else 0xFFFFFFFF,
             object_gen=obj.gen if obj is not None else 0,
             label=obj.label if obj is not None else "", old=0, new=0,
-            stack=_dmesg.caller_stack())
+            stack=caller_stack(max_bytes=C.WARN_STACK_MAX))
 
     # -- internals ---------------------------------------------------------------
 
@@ -430,7 +431,3 @@ def _attach_cached(name: str) -> Arena:
     arena = _open_arenas.get(name)
     return arena if arena is not None and not arena.closed else Arena.attach(name)
 
-
-def _reopen(name: str, kind: int, index: int, gen: int) -> Handle:
-    """Unpickle a handle: the same object, reached through this process's mapping."""
-    return _attach_cached(name)._open(kind, index, gen)  # type: ignore[no-any-return]

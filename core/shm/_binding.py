@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vfio_emu._core import ffi, lib
-from vfio_emu._fast import lib as fast
+from vfio_emu.shm._core import ffi, lib
+from vfio_emu.shm._fast import lib as fast
 
 new = ffi.new
 string = ffi.string

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vfio_emu.arena import Arena
-from vfio_emu.dmesg import WarnRecord
-from vfio_emu.handle import int32
-from vfio_emu.refcount import REFCOUNT_MAX, REFCOUNT_SATURATED, Refcount
+from vfio_emu.shm.arena import Arena
+from vfio_emu.shm.dmesg import WarnRecord
+from vfio_emu.shm.handle import int32
+from vfio_emu.shm.refcount import REFCOUNT_MAX, REFCOUNT_SATURATED, Refcount
 
 #: tests.txt's default expectation: the WARN's "call trace" appeared.
 CALL_TRACE = "call trace"

@@ -22,13 +22,15 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Iterable
+from importlib.metadata import entry_points
 from typing import Any
 
 import pluggy
 
-from vfio_emu import hookspecs
-from vfio_emu.errors import EmulatorError, InvalidArgumentError
-from vfio_emu.kernel import Device, Kernel
+from vfio_emu.errors import InvalidArgumentError, PluginError
+from vfio_emu.linux.device import Device
+from vfio_emu.linux.kernel import Kernel
+from vfio_emu.plugins import hookspecs
 
 ENTRY_POINT_GROUP = "vfio_emu.drivers"
 ALLOW_ENV = "VFIO_EMU_PLUGINS"
@@ -44,10 +46,6 @@ OPS: dict[str, tuple[str, ...]] = {
     "init": ("vdev",), "release": ("vdev",), "open_device": ("vdev",),
     "close_device": ("vdev",), "request": ("vdev", "count"), "match": ("vdev", "buf"),
 }
-
-
-class PluginError(EmulatorError):
-    """A plugin could not be loaded or does not fit the hook specifications."""
 
 
 def _implements(hook: Any, plugin: object) -> bool:
@@ -183,8 +181,6 @@ class Plugins:
         return self._allow is None or name in self._allow
 
     def _load_entrypoints(self) -> None:
-        from importlib.metadata import entry_points
-
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             if not self._allowed(ep.name) or self.pm.has_plugin(ep.name):
                 continue

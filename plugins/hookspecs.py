@@ -3,7 +3,7 @@
 Hook names are the kernel's.  A plugin with a plain (non-wrapper) `probe` is a
 driver; any other plugin is an observer, whose hookimpls (usually
 `wrapper=True`) see every driver's calls.  Each driver's ops reach only that driver's hookimpls,
-plus the observers' (see vfio_emu.plugin_manager).
+plus the observers' (see vfio_emu.plugins.manager).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from vfio_emu.device import VfioDevice
-    from vfio_emu.kernel import Device, Kernel
+    from vfio_emu.linux.device import Device
+    from vfio_emu.linux.kernel import Kernel
+    from vfio_emu.linux.vfio import VfioDevice
 
 PROJECT = "vfio_emu"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -60,7 +61,7 @@ def match(vdev: VfioDevice, buf: str) -> int:  # type: ignore[empty-body]
 @hookspec
 def driver_init(kernel: Kernel, driver: Any) -> None:
     """module_init(): e.g. mtty registers its mdev parent.  driver is the plugin's
-    vfio_emu.plugin_manager.Driver: its ops and an mdev driver adapter."""
+    vfio_emu.plugins.manager.Driver: its ops and an mdev driver adapter."""
 
 
 @hookspec

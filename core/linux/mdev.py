@@ -12,10 +12,11 @@ import threading
 import time
 from typing import Any
 
-from vfio_emu.errors import InvalidArgumentError
-from vfio_emu.kernel import EAGAIN, EEXIST, ENODEV, EUSERS, Device, HangError, Kernel
-from vfio_emu.kobject import StructDevice, device_initialize, get_device, put_device
-from vfio_emu.memory import Tracked, kfree, kzalloc, mem_of
+from vfio_emu.errors import HangError, InvalidArgumentError
+from vfio_emu.linux.device import Device, StructDevice, device_initialize, get_device, put_device
+from vfio_emu.linux.errno import EAGAIN, EEXIST, ENODEV, ENOMEM, EUSERS
+from vfio_emu.linux.kernel import Kernel
+from vfio_emu.linux.slab import Tracked, kfree, kzalloc, mem_of
 
 
 class RWSem:
@@ -180,9 +181,9 @@ def mdev_device_create(mtype: MdevType, uuid: str) -> MdevDevice | int:
                 return -EUSERS
             parent.available_instances -= 1
         mdev = kzalloc(kernel, MdevDevice)
-        if isinstance(mdev, int):
+        if mdev is None:
             _check_accounting(parent, "after a failed create")
-            return mdev  # as written upstream: the instance taken above is not given back
+            return -ENOMEM  # as upstream: the instance taken above is not given back
         device_initialize(mdev)
         mdev.parent, mdev.type, mdev.uuid, mdev.counted = parent, mtype, uuid, counted
         mdev.name = uuid

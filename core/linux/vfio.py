@@ -1,4 +1,4 @@
-"""struct vfio_device and the v6.1 life-cycle API, named as in include/linux/vfio.h.
+"""struct vfio_device, device sets and the v6.1/v6.2 life-cycle API of include/linux/vfio.h.
 
 A driver's private struct subclasses VfioDevice (the kernel embeds it first).
 Its memory is tracked: once freed (kvfree, vfio_free_device, or the v6.2
@@ -6,7 +6,11 @@ core), every read or write through a stale reference is a KASAN-style
 use-after-free report with the allocation and free stacks, raised as
 UseAfterFreeError.  The two counters live in the arena: the object count
 (a kref, the driver's reference) and the registration count (a refcount_t
-plus a completion that unregister waits on).
+plus a completion that unregister waits on).  A device set (devices sharing a
+reset domain and one lock) lives exactly as long as its member objects - not
+their registrations: an unregistered device not yet released keeps it alive.
+Userspace's side - the device FD and the container - is here too, as
+VFIO_GROUP_GET_DEVICE_FD and the FD's release reach into the same fields.
 """
 
 from __future__ import annotations
@@ -17,14 +21,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from vfio_emu._binding import refcount_set as _refcount_set
-from vfio_emu.completion import ERESTARTSYS
-from vfio_emu.devset import DeviceSet, vfio_assign_device_set, vfio_release_device_set
-from vfio_emu.dmesg import Stack, caller_stack, capture_stack
-from vfio_emu.errors import EmulatorError, InvalidArgumentError
-from vfio_emu.kernel import EBUSY, EINVAL, ENODEV, ENOSPC, MINORMASK, Device, HangError, Kernel
-from vfio_emu.memory import Tracked, kfree, kvfree, kzalloc, mem_of, use_after_free
-from vfio_emu.refcount import Kref, Refcount
+from vfio_emu.errors import EmulatorError, HangError, InvalidArgumentError
+from vfio_emu.linux.device import Device
+from vfio_emu.linux.errno import EBUSY, EINVAL, ENODEV, ENOMEM, ENOSPC
+from vfio_emu.linux.kernel import MINORMASK, Kernel
+from vfio_emu.linux.slab import Tracked, kfree, kvfree, kzalloc, mem_of, use_after_free
+from vfio_emu.shm.refcount import Kref, Refcount
+from vfio_emu.stack import Stack, caller_stack, capture_stack
 
 
 class State(enum.Enum):
@@ -76,7 +79,7 @@ class VfioDevice(Tracked):
         name = f"{type(self).__name__}@{id(self):#x}"
         a = kernel.arena
         kref = a.kref(label=f"{name}.kref")
-        _refcount_set(kref._h, 0)  # zeroed memory: 0 until device_initialize() makes it 1
+        kref.refcount.set(0)  # zeroed memory: 0 until device_initialize() makes it 1
         object.__getattribute__(self, "__dict__")["_vfio"] = Core(
             kernel, kref, a.refcount(0, label=f"{name}.reg"), a.completion(label=f"{name}.comp"))
 
@@ -138,6 +141,108 @@ def core_of(vdev: object, access: str) -> Core:
     return object.__getattribute__(vdev, "__dict__")["_vfio"]  # type: ignore[no-any-return]
 
 
+# -- device sets --------------------------------------------------------------------------
+
+class DeviceSet(Tracked):
+    """struct vfio_device_set: set_id, the set mutex, the member list, device_count.
+
+    Kernel memory: freed with its last member, and poisoned then.
+    """
+
+    def _kzalloc(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.set_id: Any = None  # kept alive: the xarray is keyed by its identity
+        self.lock = threading.Lock()
+        self.lock_owner: int | None = None
+        self.device_list: list[VfioDevice] = []
+        self.device_count = 0
+
+    def describe(self) -> str:
+        return f"(set_id {type(self.set_id).__name__}@{id(self.set_id):#x})"
+
+    def __enter__(self) -> DeviceSet:
+        """mutex_lock(&dev_set->lock): lockdep's report instead of a self-deadlock, and the
+        watchdog's instead of waiting forever for another holder."""
+        kernel = self.kernel
+        if self.held():
+            raise HangError(kernel.report(
+                "WARN", "WARNING: possible recursive locking detected",
+                f"this task already holds &dev_set->lock of {self.describe()} and takes it "
+                "again: it would deadlock"))
+        if not self.lock.acquire(timeout=kernel.lock_timeout_s()):
+            raise HangError(kernel.report(
+                "hang", kernel.hung_task(kernel.lock_timeout_s()),
+                f"mutex_lock(&dev_set->lock) of {self.describe()}: held by thread "
+                f"{self.lock_owner}"))
+        self.lock_owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock_owner = None
+        self.lock.release()
+
+    def held(self) -> bool:
+        return self.lock_owner == threading.get_ident()
+
+
+def vfio_assign_device_set(vdev: VfioDevice, set_id: Any) -> int:
+    """Put vdev in the set keyed by set_id (created on first use); 0 or -EINVAL."""
+    core = core_of(vdev, "vfio_assign_device_set")
+    kernel = core.kernel
+    if set_id is None:
+        kernel.warn("WARNING: vfio_assign_device_set: set_id is NULL")
+        return -EINVAL
+    with kernel.xa_lock:  # lookup, create and count++ as one step, as under xa_lock
+        dev_set = kernel.dev_sets.get(id(set_id))
+        if dev_set is None:
+            new = kzalloc(kernel, DeviceSet)
+            if new is None:
+                return -ENOMEM
+            new.set_id = set_id
+            dev_set = kernel.dev_sets[id(set_id)] = new
+        dev_set.device_count += 1
+    with dev_set:
+        if vdev in dev_set.device_list:
+            # What CONFIG_DEBUG_LIST says; without it the list silently corrupts.
+            kernel.warn("list_add double add: new=vfio_device->dev_set_list, "
+                        f"prev=..., next=... ({core.name} assigned to {dev_set.describe()} twice)")
+        else:
+            dev_set.device_list.append(vdev)
+        core.dev_set = dev_set
+    kernel.trace.record(kernel.jiffies(), core.name, "vfio_assign_device_set",
+                        detail=f"{dev_set.describe()} count {dev_set.device_count}")
+    return 0
+
+
+def vfio_release_device_set(vdev: VfioDevice) -> None:
+    """Leave the set; the last member frees it (from release, or a failed init)."""
+    core = core_of(vdev, "vfio_release_device_set")
+    dev_set = core.dev_set
+    if dev_set is None:
+        return
+    with dev_set:
+        if vdev in dev_set.device_list:
+            dev_set.device_list.remove(vdev)
+    with core.kernel.xa_lock:  # count--, erase and free as one step
+        dev_set.device_count -= 1
+        if dev_set.device_count == 0:
+            core.kernel.dev_sets.pop(id(dev_set.set_id), None)
+            kfree(dev_set)
+
+
+def vfio_device_set_open_count(dev_set: DeviceSet) -> int:
+    """Sum of the members' open_count; the caller must hold the set lock (lockdep checks)."""
+    if not isinstance(dev_set, DeviceSet):
+        raise InvalidArgumentError(f"vfio_device_set_open_count: {dev_set!r} is not a set")
+    if not dev_set.held():
+        dev_set.kernel.warn("WARNING: lockdep_assert_held(&dev_set->lock) failed in "
+                            "vfio_device_set_open_count")
+    return sum(core_of(d, "vfio_device_set_open_count").open_count
+               for d in dev_set.device_list)
+
+
+# -- alloc / init / put / release ----------------------------------------------------
+
 def _counts(core: Core) -> tuple[int, int]:
     return core.kref.read(), core.refcount.read()
 
@@ -147,8 +252,6 @@ def _trace(core: Core, op: str, kref: tuple[int, int] | None = None,
     core.kernel.trace.record(core.kernel.jiffies(), core.name, op, kref=kref, refcount=reg,
                              open_count=core.open_count, detail=detail)
 
-
-# -- alloc / init / put / release ----------------------------------------------------
 
 _V = TypeVar("_V", bound="VfioDevice")
 
@@ -168,8 +271,8 @@ def vfio_alloc_device(cls: type[_V], dev: Device, ops: Any) -> _V | int:
     if ops is None:
         raise InvalidArgumentError("vfio_alloc_device: ops is NULL")
     vdev = kzalloc(kernel, cls)
-    if isinstance(vdev, int):
-        return vdev  # -ENOMEM
+    if vdev is None:
+        return -ENOMEM
     ret = _init_device(vdev, dev, ops)
     if ret:
         kvfree(vdev)
@@ -316,7 +419,7 @@ def memset_vfio_device(vdev: VfioDevice) -> None:
     """memset(&private->vdev, 0, sizeof(private->vdev)), as vfio-ccw's release does so
     that the next vfio_init_device() starts from a clean struct (its kobject too)."""
     core = core_of(vdev, "memset")
-    _refcount_set(core.kref._h, 0)
+    core.kref.refcount.set(0)
     core.refcount.set(0)
     core.comp.reinit()
     core.index, core.dev, core.ops, core.dev_set = -1, None, None, None
@@ -609,23 +712,21 @@ def vfio_group_get_device_fd(kernel: Kernel, name: str) -> DeviceFile | int:
 
 
 __all__ = [
-    "ERESTARTSYS",
     "Core",
     "DeviceFile",
+    "DeviceSet",
     "State",
     "VfioDevice",
     "core_of",
     "get_device",
     "holders_of",
-    "kfree",
-    "kvfree",
-    "kzalloc",
     "memset_vfio_device",
     "put_device",
-    "use_after_free",
     "vfio_alloc_device",
+    "vfio_assign_device_set",
     "vfio_device_put_registration",
     "vfio_device_release",
+    "vfio_device_set_open_count",
     "vfio_device_try_get_registration",
     "vfio_free_device",
     "vfio_group_get_device_fd",
@@ -633,5 +734,6 @@ __all__ = [
     "vfio_put_device",
     "vfio_register_emulated_iommu_dev",
     "vfio_register_group_dev",
+    "vfio_release_device_set",
     "vfio_unregister_group_dev",
 ]

@@ -8,59 +8,11 @@ reported a WARN.
 
 from __future__ import annotations
 
-import sys
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from vfio_emu import _binding as C
-
-#: Modules whose frames are the emulator's own plumbing, not the caller's code.
-_INTERNAL = frozenset(
-    {"vfio_emu.handle", "vfio_emu.refcount", "vfio_emu.completion", "vfio_emu.dmesg",
-     "vfio_emu.arena", "vfio_emu.kernel", "vfio_emu.device", "vfio_emu.devset",
-     "vfio_emu.memory", "vfio_emu.mdev", "vfio_emu.kobject"}
-)
-
-
-class Stack(tuple):  # type: ignore[type-arg]
-    """A captured Python stack: (file, line, function) frames, outermost first.
-
-    Capturing only walks the frames; the source lines are looked up when the
-    stack is printed, which for allocation and free stacks is almost never.
-    """
-
-    def __str__(self) -> str:
-        summary = traceback.StackSummary.from_list([(f, n, name, None) for f, n, name in self])
-        return "".join(summary.format())
-
-
-def capture_stack(limit: int = 16, internal: bool = False) -> Stack:
-    """The stack of the code that called into the emulator, cheaply (format it later).
-
-    internal=True keeps the emulator's own frames too: where a fault happened inside
-    the emulated kernel (a release on a worker), those are the interesting ones.
-    """
-    frame: Any = sys._getframe(1)
-    while not internal and frame is not None and frame.f_globals.get("__name__") in _INTERNAL:
-        frame = frame.f_back
-    frames: list[tuple[str, int, str]] = []
-    while frame is not None and len(frames) < limit:
-        frames.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
-        frame = frame.f_back
-    return Stack(reversed(frames))
-
-
-def caller_stack(limit: int = 32) -> str:
-    """The caller's stack as text, innermost last.
-
-    Outermost frames are dropped first so that it fits a WARN record's stack field.
-    """
-    entries = traceback.format_list(list(traceback.StackSummary.from_list(
-        [(f, n, name, None) for f, n, name in capture_stack(limit)])))
-    while len(entries) > 1 and len("".join(entries).encode()) >= C.WARN_STACK_MAX:
-        entries.pop(0)
-    return "".join(entries)
+from vfio_emu.shm import _binding as C
+from vfio_emu.stack import caller_stack
 
 
 @dataclass(frozen=True)
@@ -142,4 +94,5 @@ def attach_stack(arena_ptr: Any, first_seq: int) -> None:
     Sequence 0 means the ring dropped the WARN (warn_dropped counts it): nothing to stamp.
     """
     if first_seq:
-        C.warn_set_stack(arena_ptr, first_seq, caller_stack().encode("utf-8", "replace"))
+        stack = caller_stack(max_bytes=C.WARN_STACK_MAX)
+        C.warn_set_stack(arena_ptr, first_seq, stack.encode("utf-8", "replace"))
