@@ -100,7 +100,7 @@ class NoReleaseDriver(Driver):
 
 def probe(kernel: Kernel, name: str = "0000:00:01.0", driver: Driver | None = None,
           cls: type[Priv] = Priv) -> tuple[Priv, Driver]:
-    """The generic probe of §4.8: alloc, then register (error: put). Asserts success."""
+    """The generic probe (mtty_probe, vfio_pci_probe): alloc, then register (error: put). Asserts success."""
     driver = driver if driver is not None else Driver(kernel)
     vdev = vfio_alloc_device(cls, kernel.device(name), driver)
     assert isinstance(vdev, cls), f"vfio_alloc_device returned {vdev!r}"
@@ -110,7 +110,7 @@ def probe(kernel: Kernel, name: str = "0000:00:01.0", driver: Driver | None = No
 
 
 def remove(vdev: VfioDevice) -> None:
-    """The generic remove of §4.8: unregister (waits for FDs), then the driver's put."""
+    """The generic remove (mtty_remove, vfio_pci_remove): unregister (waits for FDs), then the driver's put."""
     vfio_unregister_group_dev(vdev)
     vfio_put_device(vdev)
 
@@ -149,7 +149,7 @@ class MdevVfioDriver:
 
 
 class CcwPrivate(VfioDevice):
-    """struct vfio_ccw_private (v6.1): embeds the vfio_device and outlives it (§6.1).
+    """struct vfio_ccw_private (v6.1): embeds the vfio_device and outlives it (vfio_ccw_sch_probe/remove).
 
     It is kzalloc()ed by the css probe and freed by the css remove; the
     vfio_device release only signals release_comp.
@@ -167,8 +167,8 @@ class CcwPrivate(VfioDevice):
 class CcwOps:
     """vfio-ccw's v6.1 ops: init re-arms release_comp, release completes it and frees nothing.
 
-    reinit=False is the bug of §9.18/19 (a stale count survives into the next probe);
-    complete_all=True makes release open the completion for good (§9.19).
+    reinit=False is bug class 18 (docs/lifecycle.md): a stale count survives into the next probe;
+    complete_all=True makes release open the completion for good (bug class 19).
     """
 
     def __init__(self, *, reinit: bool = True, complete_all: bool = False) -> None:

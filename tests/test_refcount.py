@@ -46,7 +46,7 @@ def test_constants_match_the_kernel():
     assert REFCOUNT_SATURATED == SAT == 3221225472
 
 
-# ---- the §1.3 table, one row per (API, start value) ------------------------------
+# ---- include/linux/refcount.h, one row per (API, start value) ------------------------------
 
 # (start, expected final read(), expected WARN kinds)
 INC = [

@@ -1,4 +1,4 @@
-"""Refcount against an independent pure-Python model of the v6.1 table (spec §1.2, §1.3).
+"""Refcount against an independent pure-Python model of the v6.1 table (include/linux/refcount.h, lib/refcount.c).
 
 The model works on a signed 32-bit int with wrapping arithmetic.  After every
 operation the machine compares the return value, read() and the list of WARN
@@ -185,8 +185,8 @@ RefcountMachine.TestCase.settings = settings(
 TestRefcountMatchesV61Model = RefcountMachine.TestCase
 
 
-def test_model_self_check_matches_spec_rows():
-    """The model itself encodes the spec rows the table tests pin (guards the oracle)."""
+def test_model_self_check_matches_refcount_h_rows():
+    """The model itself encodes the refcount.h rows the table tests pin (guards the oracle)."""
     m = RefcountModel(0)
     assert m.add(1) == (None, ["ADD_UAF"]) and m.v == SATURATED
     m = RefcountModel(0)

@@ -56,7 +56,7 @@ def _batch(fn: Any, h: Any, n: object) -> int:
 
 
 class Refcount(Handle):
-    """refcount_t: saturates instead of wrapping and WARNs on every misuse (§1.3)."""
+    """refcount_t: saturates instead of wrapping and WARNs on every misuse (lib/refcount.c)."""
 
     __slots__ = ()
     KIND = C.KIND_REFCOUNT
