@@ -100,7 +100,8 @@ class NoReleaseDriver(Driver):
 
 def probe(kernel: Kernel, name: str = "0000:00:01.0", driver: Driver | None = None,
           cls: type[Priv] = Priv) -> tuple[Priv, Driver]:
-    """The generic probe (mtty_probe, vfio_pci_probe): alloc, then register (error: put). Asserts success."""
+    """The generic probe (mtty_probe, vfio_pci_probe): alloc, register (error: put).
+    Asserts success."""
     driver = driver if driver is not None else Driver(kernel)
     vdev = vfio_alloc_device(cls, kernel.device(name), driver)
     assert isinstance(vdev, cls), f"vfio_alloc_device returned {vdev!r}"
@@ -110,7 +111,8 @@ def probe(kernel: Kernel, name: str = "0000:00:01.0", driver: Driver | None = No
 
 
 def remove(vdev: VfioDevice) -> None:
-    """The generic remove (mtty_remove, vfio_pci_remove): unregister (waits for FDs), then the driver's put."""
+    """The generic remove (mtty_remove, vfio_pci_remove): unregister (waits for FDs),
+    then the driver's put."""
     vfio_unregister_group_dev(vdev)
     vfio_put_device(vdev)
 
@@ -149,7 +151,8 @@ class MdevVfioDriver:
 
 
 class CcwPrivate(VfioDevice):
-    """struct vfio_ccw_private (v6.1): embeds the vfio_device and outlives it (vfio_ccw_sch_probe/remove).
+    """struct vfio_ccw_private (v6.1): embeds the vfio_device and outlives it
+    (vfio_ccw_sch_probe/remove).
 
     It is kzalloc()ed by the css probe and freed by the css remove; the
     vfio_device release only signals release_comp.

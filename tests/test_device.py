@@ -236,7 +236,7 @@ def test_register_of_a_second_device_on_the_same_parent_fails_ebusy_and_put_clea
     vfio_put_device(second)  # the probe error path
     assert is_freed(second) and drv.calls == ["init", "release"]
     remove(first)
-    # dev_WARN is what the kernel prints on this path (__vfio_register_dev: dev_WARN "Device already exists on group"); nothing else.
+    # __vfio_register_dev() prints dev_WARN "Device already exists on group"; nothing else.
     [warn] = k.reports
     assert warn.kind == "WARN" and "Device already exists on group" in warn.title
     k.reports.clear()
@@ -847,7 +847,7 @@ def test_c18_c19_stale_release_comp_lets_remove_free_a_referenced_private(make_k
     k = make_kernel()
     sch = k.device("0.0.0001")
     ops = CcwOps(reinit=False, complete_all=complete_all)  # BUG: init does not re-arm
-    # First mdev: the probe fails after init and puts without waiting (vfio_ccw_mdev_probe's error path):
+    # First mdev: the probe fails after init and puts without waiting (vfio_ccw_mdev_probe's error):
     # release completes release_comp and nobody consumes it.
     private = ccw_probe(k, sch, ops, register=False)
     vfio_put_device(private)

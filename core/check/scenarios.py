@@ -83,7 +83,7 @@ class PciOps:
 
 
 def probe(kernel: Kernel, ops: object) -> PciDevice | int:
-    """The generic probe (mtty_probe, vfio_pci_probe): alloc, register, put on a register failure."""
+    """The generic probe (mtty_probe, vfio_pci_probe): alloc, register, put on a failure."""
     vdev = vfio_alloc_device(PciDevice, kernel.device(PCI_NAME), ops)
     if isinstance(vdev, int):
         return vdev
