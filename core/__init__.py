@@ -2,7 +2,10 @@
 
 The primitives live in a shared-memory Arena so several processes can hold
 references: Refcount (refcount_t), Kref and Completion, each with the exact
-Linux v6.1 semantics, and a WARN log readable from every process.
+Linux v6.1 semantics, and a WARN log readable from every process.  They and
+every exception are re-exported here; the emulated kernel a driver programs
+against is vfio_emu.linux, the driver plugins vfio_emu.plugins, the tools
+vfio_emu.check.
 """
 
 from vfio_emu.errors import (
@@ -14,8 +17,14 @@ from vfio_emu.errors import (
     ArenaNotFoundError,
     DoubleFreeError,
     EmulatorError,
+    HangError,
     InvalidArgumentError,
     InvalidHandleError,
+    KasanDoubleFree,
+    KasanUseAfterFree,
+    KernelOops,
+    PluginError,
+    ReportedError,
     UseAfterFreeError,
 )
 from vfio_emu.shm.arena import Arena, SlotInfo
@@ -45,11 +54,17 @@ __all__ = [
     "DoubleFreeError",
     "EmulatorError",
     "Handle",
+    "HangError",
     "InvalidArgumentError",
     "InvalidHandleError",
+    "KasanDoubleFree",
+    "KasanUseAfterFree",
+    "KernelOops",
     "Kref",
     "KrefArray",
+    "PluginError",
     "Refcount",
+    "ReportedError",
     "SlotInfo",
     "Token",
     "UseAfterFreeError",
