@@ -33,6 +33,10 @@ class ArenaExistsError(ArenaError, FileExistsError):
     """A segment of that name already exists (arenas are created exclusively)."""
 
 
+class ArenaPermissionError(ArenaError, PermissionError):
+    """The segment belongs to another user, or others may access it (not mode 0600)."""
+
+
 class ArenaFormatError(ArenaError):
     """The segment is not a usable vfio-emu arena: foreign, truncated, corrupt, other version."""
 
@@ -42,7 +46,8 @@ class ArenaFullError(ArenaError):
 
 
 class ArenaClosedError(ArenaError):
-    """The arena was closed in this process; its objects can no longer be reached from here."""
+    """The arena was closed in this process (or its segment shrank under it); its objects can
+    no longer be reached from here."""
 
 
 class InvalidHandleError(EmulatorError, ValueError):

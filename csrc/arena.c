@@ -12,10 +12,15 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
+#include <pthread.h>
 #include <sched.h>
+#include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -45,6 +50,140 @@ static int64_t default_spin_ns(void)
 	return sysconf(_SC_NPROCESSORS_ONLN) > 1 ? 5000 : 0;
 }
 
+/* ---- a segment that shrinks under us -----------------------------------
+ *
+ * A process of the same user can truncate the segment; the next access to a
+ * page past the new end raises SIGBUS, which would kill every process that
+ * maps it.  The mappings of this process are registered here, and a SIGBUS
+ * inside one of them maps private zero pages over that arena (as close()
+ * does) and marks it lost: the faulting access then reads generation 0,
+ * which no handle has, and fails as a use of a closed arena.  A SIGBUS
+ * anywhere else goes to whoever handled SIGBUS before (or kills, as it
+ * would have).
+ */
+#define MAX_MAPS 1024
+
+static struct {
+	_Atomic uintptr_t base;		/* 0 = free entry; stored last (release) */
+	_Atomic size_t size;
+	struct vfio_arena *_Atomic arena;
+} maps[MAX_MAPS];
+static pthread_mutex_t maps_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct sigaction prev_bus;
+
+static void on_sigbus(int sig, siginfo_t *si, void *ctx)
+{
+	uintptr_t addr = (uintptr_t)si->si_addr;
+
+	for (int i = 0; i < MAX_MAPS; i++) {
+		uintptr_t base = atomic_load_explicit(&maps[i].base, memory_order_acquire);
+		size_t size = atomic_load_explicit(&maps[i].size, memory_order_relaxed);
+		struct vfio_arena *a = atomic_load_explicit(&maps[i].arena, memory_order_relaxed);
+		int saved = errno;
+
+		if (!base || addr - base >= size)
+			continue;
+		if (mmap((void *)base, size, PROT_READ | PROT_WRITE,
+			 MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) == MAP_FAILED) {
+			errno = saved;
+			break;
+		}
+		errno = saved;
+		atomic_store_explicit(&a->lost, 1, memory_order_relaxed);
+		atomic_store_explicit(&a->closed, 1, memory_order_release);
+		return;	/* the access is retried on zero pages */
+	}
+	if ((prev_bus.sa_flags & SA_SIGINFO) && prev_bus.sa_sigaction) {
+		prev_bus.sa_sigaction(sig, si, ctx);
+	} else if (prev_bus.sa_handler != SIG_DFL && prev_bus.sa_handler != SIG_IGN) {
+		prev_bus.sa_handler(sig);
+	} else {
+		signal(SIGBUS, SIG_DFL);	/* the access faults again, fatally */
+	}
+}
+
+/* Install the handler if it is not (or no longer, e.g. after faulthandler) in place. */
+static void sigbus_install(void)
+{
+	struct sigaction cur, sa;
+
+	if (sigaction(SIGBUS, NULL, &cur) == 0 && (cur.sa_flags & SA_SIGINFO) &&
+	    cur.sa_sigaction == on_sigbus)
+		return;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_sigaction = on_sigbus;
+	sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGBUS, &sa, &prev_bus);
+}
+
+static void maps_add(struct vfio_arena *a)
+{
+	pthread_mutex_lock(&maps_lock);
+	sigbus_install();
+	for (int i = 0; i < MAX_MAPS; i++) {
+		if (atomic_load_explicit(&maps[i].base, memory_order_relaxed))
+			continue;
+		atomic_store_explicit(&maps[i].size, a->size, memory_order_relaxed);
+		atomic_store_explicit(&maps[i].arena, a, memory_order_relaxed);
+		atomic_store_explicit(&maps[i].base, (uintptr_t)a->base, memory_order_release);
+		break;	/* none free: this arena keeps the default SIGBUS behaviour */
+	}
+	pthread_mutex_unlock(&maps_lock);
+}
+
+static void maps_remove(struct vfio_arena *a)
+{
+	pthread_mutex_lock(&maps_lock);
+	for (int i = 0; i < MAX_MAPS; i++)
+		if (atomic_load_explicit(&maps[i].base, memory_order_relaxed) &&
+		    atomic_load_explicit(&maps[i].arena, memory_order_relaxed) == a)
+			atomic_store_explicit(&maps[i].base, 0, memory_order_release);
+	pthread_mutex_unlock(&maps_lock);
+}
+
+/* A process's start time (clock ticks after boot): with its pid, tells it from a reuse. */
+uint64_t vfio_proc_start_time(uint32_t pid)
+{
+	char path[32], buf[1024];
+	unsigned long long start = 0;
+	size_t n;
+	FILE *f;
+	char *p;
+
+	snprintf(path, sizeof(path), "/proc/%u/stat", pid);
+	f = fopen(path, "re");
+	if (!f)
+		return 0;
+	n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = 0;
+	p = strrchr(buf, ')');	/* the command name may hold spaces and parentheses */
+	if (!p)
+		return 0;
+	/* Fields 3 (state) to 21 follow the name; 22 is starttime. */
+	for (int field = 2; field < 22 && p; field++)
+		p = strchr(p + 1, ' ');
+	if (p)
+		start = strtoull(p + 1, NULL, 10);
+	return start;
+}
+
+static uint64_t new_incarnation(void)
+{
+	uint64_t id = 0;
+
+	if (getrandom(&id, sizeof(id), 0) != (ssize_t)sizeof(id) || !id)
+		id = ((uint64_t)vfio_monotonic_ns() << 20) ^ (uint64_t)getpid() ^ 0x9e3779b97f4a7c15ULL;
+	return id;
+}
+
+static int clock_ok(uint32_t hz, double time_scale)
+{
+	return hz && hz <= VFIO_HZ_MAX && isfinite(time_scale) &&
+	       time_scale >= VFIO_TIME_SCALE_MIN && time_scale <= VFIO_TIME_SCALE_MAX;
+}
+
 /* capacity and warn_capacity are validated copies, never re-read from the segment. */
 static struct vfio_arena *arena_new(const char *name, char *base, size_t size, int owner,
 				    uint32_t capacity, uint32_t warn_capacity)
@@ -64,6 +203,7 @@ static struct vfio_arena *arena_new(const char *name, char *base, size_t size, i
 	a->owner = owner;
 	a->spin_ns = default_spin_ns();
 	strncpy(a->name, name, sizeof(a->name) - 1);
+	maps_add(a);
 	return a;
 }
 
@@ -78,7 +218,7 @@ int vfio_arena_create(const char *name, uint32_t capacity, uint32_t warn_capacit
 	*out = NULL;
 	*err = 0;
 	if (!capacity || capacity > VFIO_CAPACITY_MAX || !warn_capacity ||
-	    warn_capacity > VFIO_WARN_CAPACITY_MAX || !hz || !(time_scale > 0) ||
+	    warn_capacity > VFIO_WARN_CAPACITY_MAX || !clock_ok(hz, time_scale) ||
 	    strlen(name) > VFIO_NAME_MAX)
 		return VFIO_E_INVAL;
 	size = layout_size(capacity, warn_capacity);
@@ -116,6 +256,8 @@ int vfio_arena_create(const char *name, uint32_t capacity, uint32_t warn_capacit
 	hdr->time_scale = time_scale;
 	hdr->hz = hz;
 	hdr->creator_pid = (uint32_t)getpid();
+	hdr->creator_start = vfio_proc_start_time(hdr->creator_pid);
+	hdr->incarnation = new_incarnation();
 
 	/* Every slot starts free (gen 0, even) and linked in index order. */
 	struct vfio_slot *slots = (struct vfio_slot *)(base + hdr->slots_offset);
@@ -152,9 +294,13 @@ static int check_header(const struct vfio_arena_hdr *hdr, uint64_t file_size,
 	uint64_t magic = atomic_load_explicit((_Atomic uint64_t *)&hdr->magic,
 					      memory_order_acquire);
 	const volatile struct vfio_arena_hdr *h = hdr;
-	uint32_t cap = h->capacity, wcap = h->warn_capacity;
+	uint32_t cap = h->capacity, wcap = h->warn_capacity, hz = h->hz;
 	uint64_t total = h->total_size;
 	double scale = h->time_scale;
+	uint64_t warn_head = atomic_load_explicit(&((struct vfio_arena_hdr *)hdr)->warn_head,
+						  memory_order_relaxed);
+	uint32_t top = (uint32_t)atomic_load_explicit(&((struct vfio_arena_hdr *)hdr)->free_head,
+						      memory_order_relaxed);
 
 	if (magic != VFIO_ARENA_MAGIC)
 		return VFIO_E_FOREIGN;
@@ -162,9 +308,10 @@ static int check_header(const struct vfio_arena_hdr *hdr, uint64_t file_size,
 		return VFIO_E_VERSION;
 	if (h->slot_size != VFIO_SLOT_SIZE || h->warn_rec_size != VFIO_WARN_REC_SIZE ||
 	    h->hdr_size != VFIO_HDR_SIZE || !cap || cap > VFIO_CAPACITY_MAX || !wcap ||
-	    wcap > VFIO_WARN_CAPACITY_MAX || !h->hz || !(scale > 0) ||
+	    wcap > VFIO_WARN_CAPACITY_MAX || !clock_ok(hz, scale) ||
 	    total != layout_size(cap, wcap) || h->slots_offset != VFIO_HDR_SIZE ||
-	    h->ring_offset != VFIO_HDR_SIZE + (uint64_t)cap * VFIO_SLOT_SIZE)
+	    h->ring_offset != VFIO_HDR_SIZE + (uint64_t)cap * VFIO_SLOT_SIZE ||
+	    warn_head > VFIO_WARN_SEQ_MAX || top > cap || !h->incarnation)
 		return VFIO_E_CORRUPT;
 	if (file_size < total)
 		return VFIO_E_TRUNCATED;
@@ -195,6 +342,11 @@ int vfio_arena_attach(const char *name, vfio_arena_t **out, int *err)
 		*err = errno;
 		close(fd);
 		return VFIO_E_SYS;
+	}
+	/* Only a segment private to this user: anyone else could shrink it under us. */
+	if (st.st_uid != geteuid() || (st.st_mode & 07777) != 0600) {
+		close(fd);
+		return VFIO_E_OWNER;
 	}
 	if (st.st_size < (off_t)sizeof(uint64_t)) {
 		close(fd);
@@ -241,17 +393,25 @@ int vfio_arena_close(vfio_arena_t *a, int unlink_it, int *err)
 	int rc = VFIO_OK;
 
 	*err = 0;
-	if (a->closed)
-		return VFIO_OK;
-	if (mmap(a->base, a->size, PROT_READ | PROT_WRITE,
-		 MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) == MAP_FAILED) {
-		*err = errno;
-		return VFIO_E_SYS;
+	/* New slow-path calls now fail; those in flight (a wait: one slice) finish first. */
+	atomic_store_explicit(&a->closing, 1, memory_order_seq_cst);
+	while (atomic_load_explicit(&a->users, memory_order_seq_cst))
+		sched_yield();
+	if (!atomic_load_explicit(&a->closed, memory_order_acquire)) {
+		if (mmap(a->base, a->size, PROT_READ | PROT_WRITE,
+			 MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) == MAP_FAILED) {
+			*err = errno;
+			atomic_store_explicit(&a->closing, 0, memory_order_seq_cst);
+			return VFIO_E_SYS;
+		}
+		atomic_store_explicit(&a->closed, 1, memory_order_release);
 	}
-	a->closed = 1;
-	if (unlink_it && shm_unlink(a->name) < 0) {
-		*err = errno;
-		rc = VFIO_E_SYS;
+	if (unlink_it && !a->unlinked) {
+		a->unlinked = 1;
+		if (shm_unlink(a->name) < 0) {
+			*err = errno;
+			rc = VFIO_E_SYS;
+		}
 	}
 	return rc;
 }
@@ -260,6 +420,7 @@ void vfio_arena_release(vfio_arena_t *a)
 {
 	if (!a)
 		return;
+	maps_remove(a);
 	munmap(a->base, a->size);
 	free(a);
 }
@@ -278,15 +439,18 @@ void vfio_arena_info(const vfio_arena_t *a, vfio_arena_info_t *out)
 	const struct vfio_arena_hdr *h = a->hdr;
 
 	memset(out, 0, sizeof(*out));
-	out->closed = a->closed;
+	/* Closing counts as closed: the calls it refuses must say why. */
+	out->closed = atomic_load_explicit(&a->closed, memory_order_acquire) ||
+		      atomic_load_explicit(&a->closing, memory_order_acquire);
+	out->lost = atomic_load_explicit(&a->lost, memory_order_relaxed);
 	out->owner = a->owner;
 	out->spin_ns = a->spin_ns;
 	out->capacity = a->capacity;
 	out->warn_capacity = a->warn_capacity;
-	if (a->closed)
+	if (out->closed)
 		return;
-	out->in_use = atomic_load_explicit(&((struct vfio_arena_hdr *)h)->in_use,
-					   memory_order_relaxed);
+	out->incarnation = h->incarnation;
+	out->creator_start = h->creator_start;
 	out->hz = h->hz;
 	out->time_scale = h->time_scale;
 	out->created_ns = h->created_ns;
@@ -302,19 +466,31 @@ void vfio_arena_set_spin(vfio_arena_t *a, int64_t spin_ns)
 	a->spin_ns = spin_ns < 0 ? 0 : spin_ns;
 }
 
+/*
+ * Objects allocated now: the slots whose generation is odd.  Counted, not
+ * kept in a counter, so a process killed between the free-list CAS and the
+ * count cannot make it drift (at worst that slot is lost to the free list).
+ */
+uint32_t vfio_arena_in_use(const vfio_arena_t *a)
+{
+	uint32_t n = 0;
+
+	if (atomic_load_explicit(&((vfio_arena_t *)a)->closed, memory_order_acquire))
+		return 0;
+	for (uint32_t i = 0; i < a->capacity; i++)
+		n += atomic_load_explicit(&a->slots[i].gen, memory_order_relaxed) & 1;
+	return n;
+}
+
 /* ---- slots ------------------------------------------------------------ */
 
-int vfio_slot_alloc(vfio_arena_t *a, uint32_t kind, const char *label, vfio_handle_t *h)
+static int slot_alloc(vfio_arena_t *a, uint32_t kind, const char *label, vfio_handle_t *h)
 {
 	struct vfio_arena_hdr *hdr = a->hdr;
 	struct vfio_slot *s;
 	uint64_t head, next_head;
 	uint32_t top, gen;
 
-	if (a->closed)
-		return VFIO_E_STALE;
-	if (kind < VFIO_KIND_REFCOUNT || kind > VFIO_KIND_MAX)
-		return VFIO_E_INVAL;
 	head = atomic_load_explicit(&hdr->free_head, memory_order_acquire);
 	do {
 		top = (uint32_t)head;
@@ -346,7 +522,6 @@ int vfio_slot_alloc(vfio_arena_t *a, uint32_t kind, const char *label, vfio_hand
 		strncpy(s->label, label, sizeof(s->label) - 1);
 	gen += 1;	/* even (free) -> odd (allocated) */
 	atomic_store_explicit(&s->gen, gen, memory_order_release);
-	atomic_fetch_add_explicit(&hdr->in_use, 1, memory_order_relaxed);
 
 	h->slot = s;
 	h->arena = a;
@@ -355,7 +530,21 @@ int vfio_slot_alloc(vfio_arena_t *a, uint32_t kind, const char *label, vfio_hand
 	return VFIO_OK;
 }
 
-int vfio_slot_free(vfio_handle_t *h)
+int vfio_slot_alloc(vfio_arena_t *a, uint32_t kind, const char *label, vfio_handle_t *h)
+{
+	int rc;
+
+	if (kind < VFIO_KIND_REFCOUNT || kind > VFIO_KIND_MAX)
+		return VFIO_E_INVAL;
+	if (!vfio_arena_enter(a))
+		return VFIO_E_STALE;
+	rc = atomic_load_explicit(&a->closed, memory_order_acquire) ? VFIO_E_STALE :
+	     slot_alloc(a, kind, label, h);
+	vfio_arena_exit(a);
+	return rc;
+}
+
+static int slot_free(vfio_handle_t *h)
 {
 	struct vfio_arena *a = h->arena;
 	struct vfio_slot *s = h->slot;
@@ -363,9 +552,6 @@ int vfio_slot_free(vfio_handle_t *h)
 	uint32_t index = (uint32_t)(s - a->slots);
 	uint32_t gen = h->gen;
 	uint64_t head, new_head;
-
-	if (a->closed)
-		return VFIO_E_STALE;
 
 	/* Only one free of this generation can win; the loser is a double free. */
 	if (!atomic_compare_exchange_strong_explicit(&s->gen, &gen, h->gen + 1,
@@ -383,8 +569,19 @@ int vfio_slot_free(vfio_handle_t *h)
 	} while (!atomic_compare_exchange_weak_explicit(&a->hdr->free_head, &head, new_head,
 							 memory_order_release,
 							 memory_order_relaxed));
-	atomic_fetch_sub_explicit(&a->hdr->in_use, 1, memory_order_relaxed);
 	return VFIO_OK;
+}
+
+int vfio_slot_free(vfio_handle_t *h)
+{
+	struct vfio_arena *a = h->arena;
+	int rc;
+
+	if (!vfio_arena_enter(a))
+		return VFIO_E_STALE;
+	rc = atomic_load_explicit(&a->closed, memory_order_acquire) ? VFIO_E_STALE : slot_free(h);
+	vfio_arena_exit(a);
+	return rc;
 }
 
 /* Rebuild a handle from (index, gen, kind), as carried by a token or pickle. */
@@ -393,7 +590,7 @@ int vfio_handle_open(vfio_arena_t *a, uint32_t index, uint32_t gen, uint32_t kin
 {
 	struct vfio_slot *s;
 
-	if (a->closed)
+	if (atomic_load_explicit(&((vfio_arena_t *)a)->closed, memory_order_acquire))
 		return VFIO_E_STALE;
 	if (index >= a->capacity)
 		return VFIO_E_RANGE;
@@ -414,7 +611,7 @@ int vfio_slot_info(const vfio_arena_t *a, uint32_t index, vfio_slot_info_t *out)
 {
 	struct vfio_slot *s;
 
-	if (a->closed)
+	if (atomic_load_explicit(&((vfio_arena_t *)a)->closed, memory_order_acquire))
 		return VFIO_E_STALE;
 	if (index >= a->capacity)
 		return VFIO_E_RANGE;

@@ -19,6 +19,10 @@ TYPES = """
 #define VFIO_WARN_STACK_MAX ...
 #define VFIO_CAPACITY_MAX ...
 #define VFIO_WARN_CAPACITY_MAX ...
+#define VFIO_HZ_MAX ...
+static const double VFIO_TIME_SCALE_MIN;
+static const double VFIO_TIME_SCALE_MAX;
+#define VFIO_WARN_SEQ_MAX ...
 #define REFCOUNT_MAX ...
 #define REFCOUNT_SATURATED ...
 #define VFIO_RET_TRUE ...
@@ -33,15 +37,16 @@ enum vfio_warn_kind {
 enum vfio_status {
     VFIO_OK, VFIO_E_STALE, VFIO_E_RANGE, VFIO_E_KIND, VFIO_E_FULL, VFIO_E_NOENT, VFIO_E_EXIST,
     VFIO_E_FOREIGN, VFIO_E_VERSION, VFIO_E_TRUNCATED, VFIO_E_CORRUPT, VFIO_E_SYS, VFIO_E_INVAL,
-    VFIO_E_INTR, VFIO_E_TIMEDOUT, ...
+    VFIO_E_INTR, VFIO_E_TIMEDOUT, VFIO_E_OWNER, ...
 };
 
 typedef struct vfio_arena vfio_arena_t;
 typedef struct { uint32_t index; uint32_t gen; ...; } vfio_handle_t;
 
 typedef struct {
-    uint32_t capacity; uint32_t in_use; uint32_t warn_capacity; uint32_t hz;
-    double time_scale; int64_t created_ns; uint32_t creator_pid; int closed; int owner;
+    uint32_t capacity; uint32_t warn_capacity; uint32_t hz;
+    double time_scale; int64_t created_ns; uint32_t creator_pid;
+    uint64_t incarnation; uint64_t creator_start; int closed; int lost; int owner;
     uint64_t warn_head; uint64_t warn_dropped; int64_t spin_ns;
 } vfio_arena_info_t;
 
@@ -70,6 +75,8 @@ void vfio_arena_release(vfio_arena_t *a);
 int vfio_shm_unlink(const char *name, int *err);
 void vfio_arena_info(const vfio_arena_t *a, vfio_arena_info_t *out);
 void vfio_arena_set_spin(vfio_arena_t *a, int64_t spin_ns);
+uint32_t vfio_arena_in_use(const vfio_arena_t *a);
+uint64_t vfio_proc_start_time(uint32_t pid);
 int vfio_slot_alloc(vfio_arena_t *a, uint32_t kind, const char *label, vfio_handle_t *h);
 int vfio_slot_free(vfio_handle_t *h);
 int vfio_handle_open(vfio_arena_t *a, uint32_t index, uint32_t gen, uint32_t kind,
@@ -146,6 +153,13 @@ static int64_t vfio_noop_gil(vfio_handle_t *h) { (void)h; return 0; }
 
 
 
+#: VFIO_EMU_SANITIZE=address,undefined builds the C core under those sanitizers (make
+#: sanitize): any report aborts, so a test run under it fails on the first one.
+SANITIZE = os.environ.get("VFIO_EMU_SANITIZE", "")
+SANITIZE_FLAGS = ([f"-fsanitize={SANITIZE}", "-fno-sanitize-recover=all",
+                   "-fno-omit-frame-pointer", "-g"] if SANITIZE else [])
+
+
 def _builder(module: str, functions: str, preamble: str = "",
              include: FFI | None = None) -> FFI:
     builder = FFI()
@@ -161,7 +175,9 @@ def _builder(module: str, functions: str, preamble: str = "",
         include_dirs=["csrc"],
         depends=["csrc/vfio_emu.h", "csrc/build_ffi.py"],
         extra_compile_args=["-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall", "-Wextra",
-                            "-Wno-unused-parameter", "-Werror=implicit-function-declaration"],
+                            "-Wno-unused-parameter", "-Werror=implicit-function-declaration",
+                            *SANITIZE_FLAGS],
+        extra_link_args=SANITIZE_FLAGS,
         libraries=["rt"],
     )
     return builder

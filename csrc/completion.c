@@ -139,8 +139,8 @@ int64_t vfio_completion_waiters(vfio_handle_t *h)
  * together with the timeout or the signal is still taken.  With spin set it
  * first spins up to the arena's spin_ns, a signal during which goes unseen.
  */
-int64_t vfio_completion_wait(vfio_handle_t *h, int64_t deadline_ns, int64_t slice_ns,
-			     int spin, uint32_t *consumed)
+static int64_t completion_wait(vfio_handle_t *h, int64_t deadline_ns, int64_t slice_ns,
+			       int spin, uint32_t *consumed)
 {
 	struct vfio_slot *s = h->slot;
 	int64_t now, end, spin_end;
@@ -202,5 +202,19 @@ int64_t vfio_completion_wait(vfio_handle_t *h, int64_t deadline_ns, int64_t slic
 	if (rc != 1 && atomic_load_explicit(&s->done, memory_order_seq_cst) &&
 	    atomic_load_explicit(&s->waiters, memory_order_seq_cst))
 		vfio_futex_wake(&s->done, 1);
+	return rc;
+}
+
+/* The wait runs as a slow-path call of its arena: close() waits for it (one slice at most). */
+int64_t vfio_completion_wait(vfio_handle_t *h, int64_t deadline_ns, int64_t slice_ns,
+			     int spin, uint32_t *consumed)
+{
+	int64_t rc;
+
+	*consumed = 0;
+	if (!vfio_arena_enter(h->arena))
+		return VFIO_E_STALE;
+	rc = completion_wait(h, deadline_ns, slice_ns, spin, consumed);
+	vfio_arena_exit(h->arena);
 	return rc;
 }

@@ -15,7 +15,7 @@
 #include <stddef.h>
 
 #define VFIO_ARENA_MAGIC	0x554d4520f10e4d55ULL
-#define VFIO_ARENA_VERSION	1u
+#define VFIO_ARENA_VERSION	2u
 #define VFIO_SLOT_SIZE		128u	/* one object per 128-byte block: no false sharing */
 #define VFIO_HDR_SIZE		4096u
 #define VFIO_WARN_REC_SIZE	2048u
@@ -26,6 +26,15 @@
 #define VFIO_NAME_MAX		255u	/* shm_open name, leading '/' included */
 #define VFIO_CAPACITY_MAX	(1u << 22)
 #define VFIO_WARN_CAPACITY_MAX	(1u << 16)
+#define VFIO_HZ_MAX		100000u
+#define VFIO_TIME_SCALE_MIN	1e-3
+#define VFIO_TIME_SCALE_MAX	1e9
+/*
+ * WARN sequence numbers stay below 2^61, so that (seq << VFIO_RET_SEQ_SHIFT)
+ * is a positive int64 status; past it (a corrupt or forged head) WARNs are
+ * dropped and counted, never returned as a negative status.
+ */
+#define VFIO_WARN_SEQ_MAX	((1ULL << 61) - 1)
 
 #define REFCOUNT_MAX		0x7fffffff
 #define REFCOUNT_SATURATED	(-0x40000000)	/* INT_MIN / 2 */
@@ -70,6 +79,7 @@ enum vfio_status {
 	VFIO_E_INVAL = -12,
 	VFIO_E_INTR = -13,	/* a signal interrupted the sleep */
 	VFIO_E_TIMEDOUT = -14,
+	VFIO_E_OWNER = -15,	/* the segment is another user's, or not mode 0600 */
 };
 #define VFIO_RET_TRUE	1
 #define VFIO_RET_WARN	2
@@ -122,8 +132,9 @@ struct vfio_arena_hdr {
 	double time_scale;		/* emulated seconds per real second */
 	uint32_t hz;
 	uint32_t creator_pid;
+	uint64_t incarnation;		/* random, new at every create: tokens carry it */
+	uint64_t creator_start;		/* creator's start time (clock ticks since boot) */
 	_Atomic uint64_t free_head __attribute__((aligned(128)));	/* tag << 32 | index + 1 */
-	_Atomic uint32_t in_use;
 	_Atomic uint64_t warn_head __attribute__((aligned(128)));	/* last sequence issued */
 	_Atomic uint64_t warn_dropped;
 };
@@ -138,7 +149,11 @@ struct vfio_arena {
 	struct vfio_warn_rec *ring;
 	uint32_t capacity;
 	uint32_t warn_capacity;
-	int closed;
+	_Atomic int closed;	/* this process's view is gone (closed, or lost to a truncation) */
+	_Atomic int closing;	/* close() has begun: no new slow-path call may start */
+	_Atomic int users;	/* slow-path calls in flight in this process (close waits) */
+	_Atomic int lost;	/* the segment shrank under us: SIGBUS turned into a closed view */
+	int unlinked;
 	int owner;
 	int64_t spin_ns;
 	char name[VFIO_NAME_MAX + 1];
@@ -155,13 +170,15 @@ typedef struct vfio_handle {
 
 typedef struct vfio_arena_info {
 	uint32_t capacity;
-	uint32_t in_use;
 	uint32_t warn_capacity;
 	uint32_t hz;
 	double time_scale;
 	int64_t created_ns;
 	uint32_t creator_pid;
+	uint64_t incarnation;
+	uint64_t creator_start;
 	int closed;
+	int lost;
 	int owner;
 	uint64_t warn_head;
 	uint64_t warn_dropped;
@@ -205,6 +222,8 @@ void vfio_arena_release(vfio_arena_t *a);
 int vfio_shm_unlink(const char *name, int *err);
 void vfio_arena_info(const vfio_arena_t *a, vfio_arena_info_t *out);
 void vfio_arena_set_spin(vfio_arena_t *a, int64_t spin_ns);
+uint32_t vfio_arena_in_use(const vfio_arena_t *a);
+uint64_t vfio_proc_start_time(uint32_t pid);
 int vfio_slot_alloc(vfio_arena_t *a, uint32_t kind, const char *label, vfio_handle_t *h);
 int vfio_slot_free(vfio_handle_t *h);
 int vfio_handle_open(vfio_arena_t *a, uint32_t index, uint32_t gen, uint32_t kind,
@@ -251,6 +270,28 @@ int vfio_warn_read(const vfio_arena_t *a, uint64_t seq, vfio_warn_entry_t *out);
 int vfio_warn_set_stack(vfio_arena_t *a, uint64_t first, const char *stack);
 
 /* ---- internal helpers shared by the .c files ------------------------- */
+
+/*
+ * Slow-path calls that write the segment (alloc, free, waits, WARNs) run
+ * between vfio_arena_enter() and vfio_arena_exit(), so that close() from
+ * another thread of this process waits for them instead of swapping the
+ * mapping under them (a slot popped but never marked, a waiter counted
+ * forever).  The hot refcount path does not: see docs/semantics.md.
+ */
+static inline int vfio_arena_enter(struct vfio_arena *a)
+{
+	atomic_fetch_add_explicit(&a->users, 1, memory_order_seq_cst);
+	if (atomic_load_explicit(&a->closing, memory_order_seq_cst)) {
+		atomic_fetch_sub_explicit(&a->users, 1, memory_order_seq_cst);
+		return 0;
+	}
+	return 1;
+}
+
+static inline void vfio_arena_exit(struct vfio_arena *a)
+{
+	atomic_fetch_sub_explicit(&a->users, 1, memory_order_release);
+}
 
 void vfio_futex_wake(_Atomic uint32_t *word, int n);
 uint64_t vfio_warn_record(struct vfio_arena *a, uint32_t kind, const vfio_handle_t *h,

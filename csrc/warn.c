@@ -14,6 +14,7 @@
 #define _GNU_SOURCE
 #include "vfio_emu.h"
 
+#include <stddef.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -36,12 +37,46 @@ const char *vfio_warn_text(uint32_t kind)
 	return "";
 }
 
-static void copy_str(char *dst, size_t size, const char *src)
+/*
+ * A record's fields are written by one process while another may be copying
+ * them out (the reader keeps its copy only if the sequence word did not move,
+ * as in a seqlock), so every access to them is a relaxed atomic: the
+ * protocol, not luck, keeps a torn copy from being used.  The text fields are
+ * 8-byte aligned multiples of 8 bytes and move a word at a time.
+ */
+#define PUT(field, value) __atomic_store_n(&(field), (value), __ATOMIC_RELAXED)
+#define GET(field) __atomic_load_n(&(field), __ATOMIC_RELAXED)
+
+_Static_assert(offsetof(struct vfio_warn_rec, text) % 8 == 0 &&
+	       offsetof(struct vfio_warn_rec, label) % 8 == 0 &&
+	       offsetof(struct vfio_warn_rec, stack) % 8 == 0 &&
+	       VFIO_WARN_TEXT_MAX % 8 == 0 && VFIO_LABEL_MAX % 8 == 0 &&
+	       VFIO_WARN_STACK_MAX % 8 == 0, "text fields move a word at a time");
+
+/* Store a NUL-terminated copy of src (cut to size - 1) into a record field. */
+static void put_str(char *field, size_t size, const char *src)
 {
+	uint64_t word;
 	size_t n = src ? strnlen(src, size - 1) : 0;
 
-	memcpy(dst, src ? src : "", n);
-	memset(dst + n, 0, size - n);
+	for (size_t off = 0; off < size; off += 8) {
+		char chunk[8] = {0};
+
+		if (off < n)
+			memcpy(chunk, src + off, n - off < 8 ? n - off : 8);
+		memcpy(&word, chunk, 8);
+		__atomic_store_n((uint64_t *)(field + off), word, __ATOMIC_RELAXED);
+	}
+}
+
+static void get_str(char *dst, const char *field, size_t size)
+{
+	for (size_t off = 0; off < size; off += 8) {
+		uint64_t word = __atomic_load_n((const uint64_t *)(field + off), __ATOMIC_RELAXED);
+
+		memcpy(dst + off, &word, 8);
+	}
+	dst[size - 1] = 0;
 }
 
 /* Claim r for writing record 'seq'; 0 if a newer or a live writer has it. */
@@ -75,32 +110,38 @@ static int publish(struct vfio_warn_rec *r, uint64_t seq)
 						       memory_order_relaxed);
 }
 
-/* Record one WARN; returns its sequence number (0 if it had to be dropped). */
-uint64_t vfio_warn_record(struct vfio_arena *a, uint32_t kind, const vfio_handle_t *h,
-			  int32_t old, int32_t new, const char *text)
+static uint64_t warn_record(struct vfio_arena *a, uint32_t kind, const vfio_handle_t *h,
+			    int32_t old, int32_t new, const char *text)
 {
 	struct vfio_arena_hdr *hdr = a->hdr;
 	struct vfio_warn_rec *r;
+	char label[VFIO_LABEL_MAX];
 	uint64_t seq;
 
-	if (a->closed)
-		return 0;
 	seq = atomic_fetch_add_explicit(&hdr->warn_head, 1, memory_order_relaxed) + 1;
+	/* A head past the limit is corrupt or forged: never hand out such a sequence. */
+	if (seq == 0 || seq > VFIO_WARN_SEQ_MAX)
+		goto dropped;
 	r = &a->ring[(seq - 1) % a->warn_capacity];
 	if (!claim(r, seq))
 		goto dropped;
-	r->time_ns = vfio_monotonic_ns();
-	r->kind = kind;
-	r->pid = (uint32_t)getpid();
-	r->tid = (uint32_t)syscall(SYS_gettid);
-	r->obj_index = h ? (uint32_t)(h->slot - a->slots) : UINT32_MAX;
-	r->obj_gen = h ? h->gen : 0;
-	r->obj_kind = h ? atomic_load_explicit(&h->slot->kind, memory_order_relaxed) : 0;
-	r->old = old;
-	r->new = new;
-	copy_str(r->text, sizeof(r->text), text ? text : vfio_warn_text(kind));
-	copy_str(r->label, sizeof(r->label), h ? h->slot->label : NULL);
-	r->stack[0] = 0;
+	PUT(r->time_ns, vfio_monotonic_ns());
+	PUT(r->kind, kind);
+	PUT(r->pid, (uint32_t)getpid());
+	PUT(r->tid, (uint32_t)syscall(SYS_gettid));
+	PUT(r->obj_index, h ? (uint32_t)(h->slot - a->slots) : UINT32_MAX);
+	PUT(r->obj_gen, h ? h->gen : 0);
+	PUT(r->obj_kind, h ? atomic_load_explicit(&h->slot->kind, memory_order_relaxed) : 0);
+	PUT(r->old, old);
+	PUT(r->new, new);
+	put_str(r->text, sizeof(r->text), text ? text : vfio_warn_text(kind));
+	if (h) {	/* the slot's label: another process may be relabelling it */
+		for (size_t i = 0; i < sizeof(label); i++)
+			label[i] = __atomic_load_n(&h->slot->label[i], __ATOMIC_RELAXED);
+		label[sizeof(label) - 1] = 0;
+	}
+	put_str(r->label, sizeof(r->label), h ? label : NULL);
+	put_str(r->stack, sizeof(r->stack), NULL);
 	if (publish(r, seq))
 		return seq;
 dropped:
@@ -108,10 +149,24 @@ dropped:
 	return 0;
 }
 
+/* Record one WARN; returns its sequence number (0 if it had to be dropped). */
+uint64_t vfio_warn_record(struct vfio_arena *a, uint32_t kind, const vfio_handle_t *h,
+			  int32_t old, int32_t new, const char *text)
+{
+	uint64_t seq = 0;
+
+	if (!vfio_arena_enter(a))
+		return 0;
+	if (!atomic_load_explicit(&a->closed, memory_order_acquire))
+		seq = warn_record(a, kind, h, old, new, text);
+	vfio_arena_exit(a);
+	return seq;
+}
+
 /* A WARN raised by a higher layer (Python), with its own text. */
 int64_t vfio_warn_emit(vfio_arena_t *a, vfio_handle_t *h, uint32_t kind, const char *text)
 {
-	if (a->closed)
+	if (atomic_load_explicit(&a->closed, memory_order_acquire))
 		return VFIO_E_STALE;
 	if (h && !vfio_handle_ok(h))
 		return VFIO_E_STALE;
@@ -124,34 +179,31 @@ int vfio_warn_read(const vfio_arena_t *a, uint64_t seq, vfio_warn_entry_t *out)
 	struct vfio_warn_rec *r;
 	uint64_t s1, s2;
 
-	if (a->closed)
+	if (atomic_load_explicit(&((vfio_arena_t *)a)->closed, memory_order_acquire))
 		return VFIO_E_STALE;
-	if (!seq)
+	if (!seq || seq > VFIO_WARN_SEQ_MAX)
 		return VFIO_E_RANGE;
 	r = &a->ring[(seq - 1) % a->warn_capacity];
 	s1 = atomic_load_explicit(&r->seq, memory_order_acquire);
 	if (s1 != seq)
 		return VFIO_E_STALE;	/* overwritten, dropped, or being written */
 	out->seq = seq;
-	out->time_ns = r->time_ns;
-	out->kind = r->kind;
-	out->pid = r->pid;
-	out->tid = r->tid;
-	out->obj_index = r->obj_index;
-	out->obj_gen = r->obj_gen;
-	out->obj_kind = r->obj_kind;
-	out->old = r->old;
-	out->new = r->new;
-	memcpy(out->text, r->text, sizeof(out->text));
-	memcpy(out->label, r->label, sizeof(out->label));
-	memcpy(out->stack, r->stack, sizeof(out->stack));
+	out->time_ns = GET(r->time_ns);
+	out->kind = GET(r->kind);
+	out->pid = GET(r->pid);
+	out->tid = GET(r->tid);
+	out->obj_index = GET(r->obj_index);
+	out->obj_gen = GET(r->obj_gen);
+	out->obj_kind = GET(r->obj_kind);
+	out->old = GET(r->old);
+	out->new = GET(r->new);
+	get_str(out->text, r->text, sizeof(out->text));
+	get_str(out->label, r->label, sizeof(out->label));
+	get_str(out->stack, r->stack, sizeof(out->stack));
 	atomic_thread_fence(memory_order_acquire);
 	s2 = atomic_load_explicit(&r->seq, memory_order_relaxed);
 	if (s2 != seq)
 		return VFIO_E_STALE;
-	out->text[sizeof(out->text) - 1] = 0;
-	out->label[sizeof(out->label) - 1] = 0;
-	out->stack[sizeof(out->stack) - 1] = 0;
 	return VFIO_OK;
 }
 
@@ -160,33 +212,46 @@ int vfio_warn_read(const vfio_arena_t *a, uint64_t seq, vfio_warn_entry_t *out)
  * the ring) that this thread wrote and that have no stack yet: one call may
  * WARN several times.  Returns how many records got it.
  */
-int vfio_warn_set_stack(vfio_arena_t *a, uint64_t first, const char *stack)
+static int set_stack(vfio_arena_t *a, uint64_t first, const char *stack)
 {
 	uint32_t pid = (uint32_t)getpid(), tid = (uint32_t)syscall(SYS_gettid);
 	uint64_t head, seq, oldest;
 	int n = 0;
 
-	if (a->closed)
-		return VFIO_E_STALE;
 	head = atomic_load_explicit(&a->hdr->warn_head, memory_order_acquire);
+	if (head > VFIO_WARN_SEQ_MAX)
+		head = VFIO_WARN_SEQ_MAX;	/* a forged head: no record past it was written */
 	oldest = head >= a->warn_capacity ? head - a->warn_capacity + 1 : 1;
+	/* At most warn_capacity records, whatever the shared words say. */
 	for (seq = first > oldest ? first : oldest; seq <= head; seq++) {
 		struct vfio_warn_rec *r = &a->ring[(seq - 1) % a->warn_capacity];
 		uint64_t cur = seq;
 
-		/* Cheap unlocked look first, so other writers' records are left alone. */
-		if (r->pid != pid || r->tid != tid || r->stack[0])
+		/* A cheap look first, so other writers' records are left alone. */
+		if (GET(r->pid) != pid || GET(r->tid) != tid || GET(r->stack[0]))
 			continue;
 		if (!atomic_compare_exchange_strong_explicit(&r->seq, &cur, seq | REC_BUSY,
 							     memory_order_acquire,
 							     memory_order_relaxed))
 			continue;
 		atomic_store_explicit(&r->claim_ns, vfio_monotonic_ns(), memory_order_relaxed);
-		if (r->pid == pid && r->tid == tid && !r->stack[0]) {
-			copy_str(r->stack, sizeof(r->stack), stack);
+		if (GET(r->pid) == pid && GET(r->tid) == tid && !GET(r->stack[0])) {
+			put_str(r->stack, sizeof(r->stack), stack);
 			n++;
 		}
 		publish(r, seq);
 	}
+	return n;
+}
+
+int vfio_warn_set_stack(vfio_arena_t *a, uint64_t first, const char *stack)
+{
+	int n = VFIO_E_STALE;
+
+	if (!vfio_arena_enter(a))
+		return VFIO_E_STALE;
+	if (!atomic_load_explicit(&a->closed, memory_order_acquire))
+		n = set_stack(a, first, stack);
+	vfio_arena_exit(a);
 	return n;
 }

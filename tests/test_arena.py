@@ -171,7 +171,7 @@ def test_token_round_trip_opens_the_same_object(arena):
 def test_token_with_out_of_range_slot_raises_invalid_handle(arena, index):
     k = arena.kref()
     with pytest.raises(InvalidHandleError):
-        arena.open(Token(arena.name, "kref", index, k.gen))
+        arena.open(Token(arena.name, arena.incarnation, "kref", index, k.gen))
     assert_usable(arena)
 
 
@@ -187,10 +187,10 @@ def test_token_of_another_arena_raises_invalid_handle(arena, make_arena):
 def test_token_of_wrong_kind_raises_invalid_handle(arena):
     k = arena.kref()
     with pytest.raises(InvalidHandleError) as exc:
-        arena.open(Token(arena.name, "completion", k.index, k.gen))
+        arena.open(Token(arena.name, arena.incarnation, "completion", k.index, k.gen))
     assert "does not hold a completion" in str(exc.value)
     with pytest.raises(InvalidHandleError):
-        arena.open(Token(arena.name, "refcount", k.index, k.gen))
+        arena.open(Token(arena.name, arena.incarnation, "refcount", k.index, k.gen))
     assert k.read() == 1
     assert_usable(arena)
 
@@ -206,10 +206,10 @@ def test_malformed_token_raises_invalid_handle(arena, token):
 
 def test_token_with_unknown_kind_or_non_int_fields_raises_invalid_handle(arena):
     k = arena.kref()
-    for token in (Token(arena.name, "mutex", k.index, k.gen),
-                  Token(arena.name, "kref", str(k.index), k.gen),
-                  Token(arena.name, "kref", k.index, float(k.gen)),
-                  Token(arena.name, "kref", k.index, 1 << 40)):
+    for token in (Token(arena.name, arena.incarnation, "mutex", k.index, k.gen),
+                  Token(arena.name, arena.incarnation, "kref", str(k.index), k.gen),
+                  Token(arena.name, arena.incarnation, "kref", k.index, float(k.gen)),
+                  Token(arena.name, arena.incarnation, "kref", k.index, 1 << 40)):
         with pytest.raises(InvalidHandleError):
             arena.open(token)
     assert_usable(arena)
@@ -627,7 +627,7 @@ def test_segment_layout_is_header_then_128_byte_slots_then_warn_ring(make_arena)
     magic, version, slot_size, capacity, warn_capacity, warn_rec_size, hdr_size = \
         struct.unpack_from("<QIIIIII", hdr, 0)
     total_size, slots_offset, ring_offset = struct.unpack_from("<QQQ", hdr, 32)
-    assert (magic, version) == (0x554D4520F10E4D55, 1)
+    assert (magic, version) == (0x554D4520F10E4D55, 2)
     assert (slot_size, capacity, warn_capacity, hdr_size) == (128, 5, 3, 4096)
     assert slots_offset == hdr_size
     assert ring_offset - slots_offset == capacity * 128
@@ -711,13 +711,13 @@ def test_closed_arena_refuses_questions_about_its_segment():
 def test_token_with_even_generation_never_named_an_object(arena):
     k = arena.kref()
     with pytest.raises(InvalidHandleError, match="never named"):
-        arena.open((arena.name, "kref", k.index, k.gen + 1))
+        arena.open((arena.name, arena.incarnation, "kref", k.index, k.gen + 1))
 
 
 @pytest.mark.parametrize("bad", [
     lambda a: a.warn(123),
     lambda a: a.warn("x", obj="not an object"),
-    lambda a: a.open((a.name, [], 0, 1)),
+    lambda a: a.open((a.name, a.incarnation, [], 0, 1)),
     lambda a: a.dmesg(since="3"),
     lambda a: a.dmesg(since=-1),
     lambda a: a.kref().get_many(2**63),

@@ -26,6 +26,7 @@ from vfio_emu.errors import (
     ArenaFormatError,
     ArenaFullError,
     ArenaNotFoundError,
+    ArenaPermissionError,
     EmulatorError,
     InvalidArgumentError,
     InvalidHandleError,
@@ -86,6 +87,10 @@ def _os_error(rc: int, err: int, name: str) -> ArenaError:
         return ArenaExistsError(f"a shared-memory segment named '{name}' already exists")
     if rc in _FORMAT_PROBLEMS:
         return ArenaFormatError(f"segment '{name}' {_FORMAT_PROBLEMS[rc]}")
+    if rc == C.E_OWNER:
+        return ArenaPermissionError(
+            f"segment '{name}' is not private to this user (another owner, or not mode "
+            "0600): whoever else can write it could shrink it under us")
     if err == errno.ENOSPC:
         return ArenaError(f"arena '{name}': no space left for the segment (is /dev/shm full?)")
     return ArenaError(f"arena '{name}': {os.strerror(err) if err else f'status {rc}'}")
@@ -110,6 +115,9 @@ class Arena:
         info = self._info()
         self._capacity = int(info.capacity)
         self._warn_capacity = int(info.warn_capacity)
+        self._incarnation = int(info.incarnation)
+        self._creator_pid = int(info.creator_pid)
+        self._creator_start = int(info.creator_start)
         self._clock = Clock(hz=int(info.hz), time_scale=float(info.time_scale),
                             epoch_ns=int(info.created_ns))
         self._finalizer = (weakref.finalize(self, _unlink_at_exit, name, self._pid)
@@ -136,12 +144,12 @@ class Arena:
                                  ("warn_capacity", warn_capacity, C.WARN_CAPACITY_MAX)):
             if type(value) is not int or not 1 <= value <= top:
                 raise InvalidArgumentError(f"{what}={value!r} must be an int from 1 to {top}")
-        if type(hz) is not int or not 1 <= hz <= 100_000:
-            raise InvalidArgumentError(f"hz={hz!r} must be an int from 1 to 100000")
+        if type(hz) is not int or not 1 <= hz <= C.HZ_MAX:
+            raise InvalidArgumentError(f"hz={hz!r} must be an int from 1 to {C.HZ_MAX}")
         if (not isinstance(time_scale, (int, float)) or isinstance(time_scale, bool)
-                or not 1e-3 <= time_scale <= 1e9):
-            raise InvalidArgumentError(
-                f"time_scale={time_scale!r} must be a number from 0.001 to 1e9")
+                or not C.TIME_SCALE_MIN <= time_scale <= C.TIME_SCALE_MAX):
+            raise InvalidArgumentError(f"time_scale={time_scale!r} must be a number from "
+                                       f"{C.TIME_SCALE_MIN:g} to {C.TIME_SCALE_MAX:g}")
         out, err = C.new("vfio_arena_t **"), C.new("int *")
         rc = C.arena_create(("/" + name).encode(), capacity, warn_capacity, hz,
                             float(time_scale), out, err)
@@ -195,7 +203,7 @@ class Arena:
         self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_attach_cached, (self._name,))
+        return (_attach_cached, (self._name, self._incarnation))
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.in_use}/{self._capacity} slots in use"
@@ -213,8 +221,30 @@ class Arena:
 
     @property
     def in_use(self) -> int:
-        """Objects currently allocated, across all processes."""
-        return int(self._open_info().in_use)
+        """Objects currently allocated, across all processes (counted slot by slot)."""
+        self._open_info()
+        return int(C.arena_in_use(self._ptr))
+
+    @property
+    def incarnation(self) -> int:
+        """This segment's identity: new at every create, even under a name used before."""
+        return self._incarnation
+
+    @property
+    def creator_pid(self) -> int:
+        return self._creator_pid
+
+    @property
+    def creator_alive(self) -> bool:
+        """Whether the process that created the segment still runs (a pid reused by another
+        process does not count: its start time differs)."""
+        return _alive(self._creator_pid, self._creator_start)
+
+    @property
+    def lost(self) -> bool:
+        """The segment shrank under this process (truncated by another process of this user):
+        the view was closed instead of dying of SIGBUS."""
+        return bool(self._info().lost)
 
     @property
     def owner(self) -> bool:
@@ -263,10 +293,10 @@ class Arena:
         """A completion after init_completion() (done = 0)."""
         return self._alloc(Completion, label)
 
-    def open(self, token: Token | tuple[str, str, int, int]) -> Any:
+    def open(self, token: Token | tuple[str, int, str, int, int]) -> Any:
         """Reopen an object from its token (as another process sends it)."""
         try:
-            arena, kind, index, gen = token
+            arena, incarnation, kind, index, gen = token
         except (TypeError, ValueError):
             raise InvalidHandleError(f"{token!r} is not an object token") from None
         if arena != self._name:
@@ -274,7 +304,7 @@ class Arena:
                 f"token {tuple(token)!r} belongs to arena '{arena}', not '{self._name}'")
         if not isinstance(kind, str) or kind not in KIND_BY_NAME:
             raise InvalidHandleError(f"token {tuple(token)!r}: unknown object kind {kind!r}")
-        return self._open(KIND_BY_NAME[kind], index, gen)
+        return self._open(KIND_BY_NAME[kind], index, gen, incarnation)
 
     def objects(self) -> list[SlotInfo]:
         """Every live object, across all processes: the raw material of a leak report."""
@@ -282,7 +312,7 @@ class Arena:
         out = []
         for index in range(self._capacity):
             if C.slot_info(self._ptr, index, info):
-                raise ArenaClosedError(f"arena '{self._name}' is closed")
+                raise ArenaClosedError(self._closed_why())
             if info.gen & 1 and info.kind in KIND_NAMES:
                 value = info.done if info.kind == C.KIND_COMPLETION else info.refs & 0xFFFFFFFF
                 out.append(SlotInfo(KIND_NAMES[info.kind], index, int(info.gen),
@@ -328,7 +358,7 @@ class Arena:
         if seq < 0:
             if obj is not None:
                 raise obj._error(seq, "warn")
-            raise ArenaClosedError(f"arena '{self._name}' is closed")
+            raise ArenaClosedError(self._closed_why())
         _dmesg.attach_stack(self._ptr, seq)
         logged = _dmesg.read(self._ptr, seq - 1, seq, self._warn_capacity) if seq else []
         if logged:
@@ -352,7 +382,7 @@ class Arena:
     def _open_info(self) -> Any:
         info = self._info()
         if info.closed:
-            raise ArenaClosedError(f"arena '{self._name}' is closed")
+            raise ArenaClosedError(self._closed_why())
         return info
 
     def _alloc(self, cls: type[_H], label: str | None) -> _H:
@@ -372,7 +402,14 @@ class Arena:
             raise self._status_error(rc, "allocate")
         return cls(self, h, raw.decode(), _key=_ARENA_ONLY)
 
-    def _open(self, kind: int, index: object, gen: object) -> Any:
+    def _open(self, kind: object, index: object, gen: object, incarnation: object) -> Any:
+        if type(kind) is not int or kind not in _CLASSES:
+            raise InvalidHandleError(f"object kind {kind!r} is not one of {sorted(_CLASSES)}")
+        if incarnation != self._incarnation:
+            raise UseAfterFreeError(
+                f"use-after-free: {KIND_NAMES[kind]} slot {index!r} gen {gen!r} belongs to an "
+                f"earlier arena named '{self._name}' (incarnation {incarnation!r}), which is "
+                f"gone; '{self._name}' is now incarnation {self._incarnation:#x}")
         if type(index) is not int or type(gen) is not int:
             raise InvalidHandleError(f"slot index and generation must be ints: {index!r}, {gen!r}")
         if not 0 <= index < self._capacity:
@@ -399,21 +436,28 @@ class Arena:
 
     def _status_error(self, rc: int, op: str) -> EmulatorError:
         if self.closed:
-            return ArenaClosedError(f"{op}: arena '{self._name}' is closed")
+            return ArenaClosedError(f"{op}: {self._closed_why()}")
         if rc == C.E_RANGE:
             return InvalidHandleError(f"{op}: slot out of range in arena '{self._name}'")
         if rc == C.E_CORRUPT:
             return ArenaFormatError(f"{op}: arena '{self._name}' free list is corrupt")
         return ArenaError(f"{op} in arena '{self._name}' failed with status {rc}")
 
+    def _closed_why(self) -> str:
+        if self.lost:
+            return (f"arena '{self._name}' is closed: its segment shrank under this process "
+                    "(another process truncated it), so its objects are gone from here")
+        return f"arena '{self._name}' is closed"
+
     def _slot_info(self, index: int) -> Any:
         info = C.new("vfio_slot_info_t *")
         if C.slot_info(self._ptr, index, info):
-            raise ArenaClosedError(f"arena '{self._name}' is closed")
+            raise ArenaClosedError(self._closed_why())
         return info
 
     def _slot_label(self, index: int) -> str:
-        return str(C.string(self._slot_info(index).label).decode("utf-8", "replace"))
+        info = self._slot_info(index)  # keep it alive: .label does not
+        return str(C.string(info.label).decode("utf-8", "replace"))
 
     def _slot_state(self, index: int) -> str:
         """What the slot holds now, for use-after-free reports."""
@@ -426,8 +470,18 @@ class Arena:
                 f"of pid {info.owner_pid}")
 
 
-def _attach_cached(name: str) -> Arena:
-    """Unpickle an Arena: reuse this process's mapping if it has one."""
+def _attach_cached(name: str, incarnation: int) -> Arena:
+    """Unpickle an Arena: reuse this process's mapping if it has one - of that incarnation."""
     arena = _open_arenas.get(name)
-    return arena if arena is not None and not arena.closed else Arena.attach(name)
+    if arena is None or arena.closed:
+        arena = Arena.attach(name)
+    if arena.incarnation != incarnation:
+        raise ArenaNotFoundError(
+            f"the arena '{name}' this was pickled from (incarnation {incarnation!r}) is gone; "
+            f"a new arena has its name (incarnation {arena.incarnation:#x})")
+    return arena
+
+
+def _alive(pid: int, start: int) -> bool:
+    return bool(start) and int(C.proc_start_time(pid)) == start
 

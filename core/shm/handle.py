@@ -31,9 +31,14 @@ KIND_BY_NAME = {name: kind for kind, name in KIND_NAMES.items()}
 
 
 class Token(NamedTuple):
-    """A small picklable reference to an object, for another process that attached the arena."""
+    """A small picklable reference to an object, for another process that attached the arena.
+
+    incarnation names the arena itself, not just its name: a token of an arena that was
+    closed and re-created under the same name never opens an object of the new one.
+    """
 
     arena: str
+    incarnation: int
     kind: str
     slot: int
     gen: int
@@ -84,12 +89,13 @@ class Handle:
     @property
     def token(self) -> Token:
         """A reference another process can pass to Arena.open()."""
-        return Token(self._arena.name, KIND_NAMES[self.KIND], self.index, self.gen)
+        return Token(self._arena.name, self._arena.incarnation, KIND_NAMES[self.KIND],
+                     self.index, self.gen)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The arena's bound _open pickles as the arena (attached, or reused, on the other
         # side) and the method name: unpickling reopens the same object there.
-        return (self._arena._open, (self.KIND, self.index, self.gen))
+        return (self._arena._open, (self.KIND, self.index, self.gen, self._arena.incarnation))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._describe()}>"
@@ -120,7 +126,8 @@ class Handle:
     def _error(self, rc: int, op: str) -> EmulatorError:
         """Turn a C status into the exception that names the object and the operation."""
         if self._arena.closed:
-            return ArenaClosedError(f"{op}() on {self._describe()}: the arena is closed")
+            return ArenaClosedError(f"{op}() on {self._describe()}: "
+                                    f"{self._arena._closed_why()}")
         if rc == C.E_STALE:
             now = self._arena._slot_state(self.index)
             if op == "free":
