@@ -182,8 +182,8 @@ class Arena:
         Objects of this arena raise ArenaClosedError afterwards (their
         memory is replaced by private zero pages, so nothing can crash).
         """
-        if self.closed:
-            return
+        if self.closed and (self._finalizer is None or not self._finalizer.alive):
+            return  # (a view lost to a truncation still has its name to unlink)
         owner = self.owner
         err = C.new("int *")
         rc = C.arena_close(self._ptr, int(owner), err)
