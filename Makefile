@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint clean
+.PHONY: run test bench lint sanitize clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,18 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks --benchmark-enable $(BENCH_OPTS)
 
+# The suite against a build of the C core under AddressSanitizer and UBSan (its own venv,
+# a regular install): the first report aborts the run.  ThreadSanitizer runs in the suite
+# itself (tests/shm/test_sanitizers.py).
+SAN_VENV ?= .venv-sanitize
+sanitize:
+	test -x $(SAN_VENV)/bin/python || $(PYTHON) -m venv $(SAN_VENV)
+	$(SAN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check '.[test]'
+	VFIO_EMU_SANITIZE=address,undefined $(SAN_VENV)/bin/python -m pip install --quiet \
+	    --disable-pip-version-check --force-reinstall --no-deps .
+	LD_PRELOAD=$$($${CC:-gcc} -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+	    UBSAN_OPTIONS=print_stacktrace=1 $(SAN_VENV)/bin/python -m pytest --capture=sys
+
 # mypy cannot follow setuptools' editable import hook, so it reads the package
 # through a symlinked vfio_emu/ tree laid out as it is installed.
 lint: $(STAMP)
@@ -39,4 +51,4 @@ lint: $(STAMP)
 	MYPYPATH=build/typecheck $(BIN)/mypy -p vfio_emu
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info core/shm/*.so core/shm/_core.c core/shm/_fast.c
+	rm -rf $(VENV) $(SAN_VENV) build dist *.egg-info core/shm/*.so core/shm/_core.c core/shm/_fast.c

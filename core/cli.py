@@ -1,4 +1,5 @@
-"""The vfio-emu command line: `check` (the drivers), `run` (a scenario), `lkdtm` (refcount)."""
+"""The vfio-emu command line: `check` (the drivers), `run` (a scenario), `lkdtm` (refcount),
+`arenas` (segments and their orphans)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,16 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 
 from vfio_emu import __version__
 from vfio_emu.check import lkdtm
 from vfio_emu.check.battery import check_driver
 from vfio_emu.check.scenarios import SCENARIOS
-from vfio_emu.errors import EmulatorError, PluginError
+from vfio_emu.errors import ArenaNotFoundError, EmulatorError, PluginError
 from vfio_emu.linux.kernel import SEMANTICS, UNREGISTER_ORDERS, Kernel
 from vfio_emu.plugins.manager import Plugins
-from vfio_emu.shm.arena import Arena
+from vfio_emu.shm.arena import Arena, segments
 
 
 def _hex(value: int) -> str:
@@ -176,6 +178,39 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _size(n: int) -> str:
+    return f"{n / 1024:.0f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
+
+
+def cmd_arenas(args: argparse.Namespace) -> int:
+    found = segments()
+    removed = []
+    if args.remove_orphans:
+        for seg in found:
+            if seg.orphaned:
+                try:
+                    Arena.unlink(seg.name)
+                except ArenaNotFoundError:
+                    continue  # gone meanwhile
+                removed.append(seg.name)
+    if args.json:
+        print(json.dumps({"arenas": [{**asdict(s), "orphaned": s.orphaned} for s in found],
+                          "removed": removed}, indent=2))
+        return 0
+    rows = [("NAME", "CREATOR", "STATE", "SIZE", "OBJECTS")]
+    rows += [(s.name, str(s.creator_pid), "alive" if s.creator_alive else "dead (orphaned)",
+              _size(s.size), f"{s.in_use}/{s.capacity}") for s in found]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    for name in removed:
+        print(f"removed {name}")
+    orphans = sum(1 for s in found if s.orphaned) - len(removed)
+    if orphans:
+        print(f"{orphans} orphaned: `vfio-emu arenas --remove-orphans` removes them")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfio-emu", description="Emulate the Linux VFIO device life cycle in userspace.")
@@ -206,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=None, help="seed for the release delays")
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.set_defaults(func=cmd_run)
+    a = sub.add_parser(
+        "arenas", help="list this user's arena segments; remove those whose creator died",
+        description="List every vfio-emu arena segment of this user in /dev/shm: its creator, "
+                    "whether that process still runs, size and objects in use.  A creator "
+                    "killed with SIGKILL never unlinks its segment: --remove-orphans does.")
+    a.add_argument("--remove-orphans", action="store_true",
+                   help="unlink the segments whose creator is dead")
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.set_defaults(func=cmd_arenas)
     c = sub.add_parser(
         "check", help="run every installed driver through the life-cycle checks",
         description="Load the driver plugins and take each through the battery: life cycle, "

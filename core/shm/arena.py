@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 import threading
 import time
 import weakref
@@ -67,6 +68,50 @@ class SlotInfo:
     label: str
     value: int
     owner_pid: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One arena segment found in /dev/shm: what `vfio-emu arenas` lists."""
+
+    name: str
+    size: int
+    creator_pid: int
+    creator_alive: bool
+    capacity: int
+    in_use: int
+
+    @property
+    def orphaned(self) -> bool:
+        """Its creator - who alone would unlink it - is dead (e.g. killed with SIGKILL)."""
+        return not self.creator_alive
+
+
+#: Where POSIX shared-memory segments live on Linux.
+SHM_DIR = "/dev/shm"
+
+
+def segments(shm_dir: str = SHM_DIR) -> list[Segment]:
+    """Every vfio-emu arena segment of this user, by name; other segments are left alone."""
+    found = []
+    for name in sorted(os.listdir(shm_dir)):
+        path = os.path.join(shm_dir, name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue  # unlinked meanwhile
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            continue
+        try:
+            arena = Arena.attach(name)
+        except (ArenaError, InvalidArgumentError):
+            continue  # not an arena of ours (or one we refuse to map)
+        try:
+            found.append(Segment(name, st.st_size, arena.creator_pid, arena.creator_alive,
+                                 arena.capacity, arena.in_use))
+        finally:
+            arena.close()
+    return found
 
 
 def _check_name(name: object) -> str:
