@@ -1,9 +1,25 @@
-"""Small emulated drivers for the device life-cycle tests (tests/test_device.py).
+"""The test drivers, written once for every test: tests/linux/ (the emulated kernel),
+tests/plugins/ (the plugin manager) and tests/check/ (the battery) all build on them.
 
-Each driver is a private struct (a VfioDevice subclass) plus an ops object.
-Driver records every op call so tests can assert what the core called and
-in which order; hooks let a test act from inside an op (userspace closing
-its FD when asked by ->request, a driver checking the set in ->close_device).
+The generic probe/remove pair (alloc, register, put on a failure; unregister, put)
+is vfio_emu.check.scenarios' probe and remove, which `vfio-emu run` and the
+benchmarks use too; everything here calls them rather than writing the pair again:
+
+- Driver: a well-behaved ops table that records every callback in .calls, with hooks
+  that let a test act from inside an op (userspace closing its FD when asked by
+  ->request, a driver checking its set in ->close_device);
+- Priv, Buf: a driver's private struct (embedding the vfio_device) and a buffer it
+  kzalloc()s for itself;
+- free_if_v61: how a correct ->release ends under each ABI;
+- probe/remove: the generic pair on a bus device (NAME unless told), probe asserting
+  it succeeds;
+- MdevVfioDriver: the pair as an mdev driver (mdpy/ap-like) runs it on its mdev;
+- GenericBusDriver: the pair in plugin form, as the probe/remove hookimpls that
+  vfio_emu.plugins.manager dispatches to; a test's subclass adds the ops it needs;
+- CcwPrivate, CcwOps: vfio-ccw's v6.1 embedded vdev and its release_comp.
+
+A deliberately buggy driver stays in the test that uses it, as a subclass of one of these
+that overrides only its buggy step.
 """
 
 from __future__ import annotations
@@ -12,20 +28,42 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from vfio_emu.check import scenarios
+from vfio_emu.check.scenarios import remove
 from vfio_emu.linux.kernel import Kernel
 from vfio_emu.linux.slab import Tracked, mem_of
 from vfio_emu.linux.vfio import (
     VfioDevice,
     memset_vfio_device,
-    vfio_alloc_device,
     vfio_free_device,
-    vfio_put_device,
     vfio_register_emulated_iommu_dev,
-    vfio_register_group_dev,
-    vfio_unregister_group_dev,
 )
+from vfio_emu.plugins.hookspecs import hookimpl
+
+__all__ = [
+    "NAME",
+    "PATIENT",
+    "Buf",
+    "CcwOps",
+    "CcwPrivate",
+    "Driver",
+    "GenericBusDriver",
+    "MdevVfioDriver",
+    "MttyLikeDriver",
+    "NoReleaseDriver",
+    "Priv",
+    "free_if_v61",
+    "is_freed",
+    "probe",
+    "remove",
+]
 
 Hook = Callable[..., Any]
+
+#: The bus device probe() binds when a test names none (a PCI function).
+NAME = "0000:00:01.0"
+#: A watchdog no correct test can reach (3.6 s real at the default 1000x clock).
+PATIENT = 3600
 
 
 class Priv(VfioDevice):
@@ -34,6 +72,13 @@ class Priv(VfioDevice):
 
 class Buf(Tracked):
     """A buffer a driver kzalloc()s for itself (e.g. mtty's vconfig, pci's region array)."""
+
+
+def free_if_v61(kernel: Kernel, vdev: VfioDevice) -> None:
+    """The end of a correct ->release: vfio_free_device() under v6.1, where the driver
+    frees its struct; nothing under v6.2, where the core does."""
+    if kernel.semantics == "v6.1":
+        vfio_free_device(vdev)
 
 
 class Driver:
@@ -68,8 +113,7 @@ class Driver:
         self.release_threads.append(threading.current_thread().name)
         if self.on_release is not None:
             self.on_release(vdev)
-        if self.kernel.semantics == "v6.1":
-            vfio_free_device(vdev)
+        free_if_v61(self.kernel, vdev)
 
     def open_device(self, vdev: VfioDevice) -> int:
         self.calls.append("open_device")
@@ -98,23 +142,14 @@ class NoReleaseDriver(Driver):
     release = None  # type: ignore[assignment]
 
 
-def probe(kernel: Kernel, name: str = "0000:00:01.0", driver: Driver | None = None,
+def probe(kernel: Kernel, name: str = NAME, driver: Driver | None = None,
           cls: type[Priv] = Priv) -> tuple[Priv, Driver]:
-    """The generic probe (mtty_probe, vfio_pci_probe): alloc, register (error: put).
+    """The generic probe (scenarios.probe) of a bus device with a recording Driver's ops.
     Asserts success."""
     driver = driver if driver is not None else Driver(kernel)
-    vdev = vfio_alloc_device(cls, kernel.device(name), driver)
-    assert isinstance(vdev, cls), f"vfio_alloc_device returned {vdev!r}"
-    ret = vfio_register_group_dev(vdev)
-    assert ret == 0, f"vfio_register_group_dev returned {ret}"
+    vdev = scenarios.probe(kernel, driver, name, cls)
+    assert isinstance(vdev, cls), f"probe returned {vdev!r}"
     return vdev, driver
-
-
-def remove(vdev: VfioDevice) -> None:
-    """The generic remove (mtty_remove, vfio_pci_remove): unregister (waits for FDs),
-    then the driver's put."""
-    vfio_unregister_group_dev(vdev)
-    vfio_put_device(vdev)
 
 
 def is_freed(obj: object) -> bool:
@@ -134,20 +169,35 @@ class MdevVfioDriver:
         self.ops = Driver(kernel)
 
     def probe(self, mdev: Any) -> int:
-        vdev = vfio_alloc_device(Priv, mdev, self.ops)
+        vdev = scenarios.probe(self.kernel, self.ops, mdev, Priv,
+                               register=vfio_register_emulated_iommu_dev)
         if isinstance(vdev, int):
             return vdev
-        ret = vfio_register_emulated_iommu_dev(vdev)
-        if ret:
-            vfio_put_device(vdev)
-            return ret
         mdev.drvdata = vdev
         return 0
 
     def remove(self, mdev: Any) -> None:
-        vdev = mdev.drvdata
-        vfio_unregister_group_dev(vdev)
-        vfio_put_device(vdev)
+        remove(mdev.drvdata)
+
+
+class GenericBusDriver:
+    """The generic probe/remove as a driver plugin's hookimpls, on a bus device.
+
+    It implements no op: a test's subclass adds the hookimpls it needs (an init that
+    allocates, a release that records...), and the plugin's ops are what probe gets.
+    """
+
+    @hookimpl
+    def probe(self, kernel: Kernel, driver: Any, dev: Any) -> int:
+        vdev = scenarios.probe(kernel, driver.ops, dev, VfioDevice)
+        if isinstance(vdev, int):
+            return vdev
+        dev.drvdata = vdev
+        return 0
+
+    @hookimpl
+    def remove(self, kernel: Kernel, driver: Any, dev: Any) -> None:
+        remove(dev.drvdata)
 
 
 class CcwPrivate(VfioDevice):

@@ -2,7 +2,9 @@
 
 They live in an importable module so that the 'spawn' start method (which
 pickles the target by module and name) can run them, and so that no test
-imports conftest (benchmarks/ has one too).
+imports conftest (benchmarks/ has one too).  pytest's `pythonpath = ["tests"]`
+(pyproject.toml) makes it importable as `_workers` from every test folder, and
+a spawned child inherits that sys.path.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vfio_emu.linux.device import Device
 from vfio_emu.linux.kernel import Kernel
 from vfio_emu.linux.slab import Tracked, kfree, kzalloc
 from vfio_emu.linux.vfio import (
@@ -82,12 +83,20 @@ class PciOps:
             self.user.on_request(count)
 
 
-def probe(kernel: Kernel, ops: object) -> PciDevice | int:
-    """The generic probe (mtty_probe, vfio_pci_probe): alloc, register, put on a failure."""
-    vdev = vfio_alloc_device(PciDevice, kernel.device(PCI_NAME), ops)
+def probe(kernel: Kernel, ops: object, dev: Device | str = PCI_NAME,
+          cls: type[VfioDevice] = PciDevice,
+          register: Callable[[VfioDevice], int] = vfio_register_group_dev) -> VfioDevice | int:
+    """The generic probe (mtty_probe, vfio_pci_probe): alloc, register, put on a failure.
+
+    The driver's struct `cls` is allocated on the parent `dev` (a bus device, its name in
+    `kernel`, an mdev) with these ops; mdev drivers register with
+    vfio_register_emulated_iommu_dev.  Returns the struct, or the -errno of the failed step.
+    """
+    parent = kernel.device(dev) if isinstance(dev, str) else dev
+    vdev = vfio_alloc_device(cls, parent, ops)
     if isinstance(vdev, int):
         return vdev
-    ret = vfio_register_group_dev(vdev)
+    ret = register(vdev)
     if ret:
         vfio_put_device(vdev)
         return ret
@@ -95,7 +104,8 @@ def probe(kernel: Kernel, ops: object) -> PciDevice | int:
 
 
 def remove(vdev: VfioDevice) -> None:
-    """The generic remove: unregister (waits for FDs), then drop the driver's reference."""
+    """The generic remove (mtty_remove, vfio_pci_remove): unregister (waits for FDs),
+    then drop the driver's reference."""
     vfio_unregister_group_dev(vdev)
     vfio_put_device(vdev)
 

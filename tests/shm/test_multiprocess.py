@@ -1,4 +1,7 @@
-"""Several processes on the same arena: exact counts, exactly-once release, killed holders."""
+"""Several processes on the same arena (vfio_emu.shm): exact kref counts, exactly-once
+release, killed holders, WARNs and allocations from other processes.
+
+Children run the entry points of tests/_workers.py, under 'fork' and 'spawn'."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""The lkdtm refcount catalogue against the C core: the verdicts the kernel's selftest expects.
+"""The lkdtm refcount catalogue (vfio_emu.check.lkdtm, `vfio-emu lkdtm`) against the C core:
+the verdicts the kernel's selftest expects.
 
 The expectations below are written from the v6.1 behaviour (refcount.h,
 lib/refcount.c) and tools/testing/selftests/lkdtm/tests.txt, independently of
-vfio_emu.lkdtm, which only supplies the sequences.
+vfio_emu.check.lkdtm, which only supplies the sequences.
 """
 
 from __future__ import annotations

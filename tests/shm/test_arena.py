@@ -1,4 +1,5 @@
-"""The arena: bad handles and tokens, bad segments, ownership, pickling, bad arguments.
+"""The shared-memory arena (vfio_emu.shm.arena, .handle, the C core through _binding): bad
+handles and tokens, bad segments, ownership, pickling, bad arguments.
 
 Every refusal must be a clear exception of the documented class, and the arena
 must keep working after it.

@@ -1,4 +1,5 @@
-"""The vfio-pci plugin: device sets by bus, the last-close reset rule, the request op."""
+"""The vfio-pci plugin (vfio_emu.plugins.pci): device sets by bus, the last-close reset rule,
+the request op."""
 
 from __future__ import annotations
 

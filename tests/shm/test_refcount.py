@@ -1,4 +1,5 @@
-"""refcount_t and kref: the v6.1 per-API table, WARN records, batches."""
+"""refcount_t and kref in the arena (vfio_emu.shm.refcount: Refcount, Kref, KrefArray): the
+v6.1 per-API table, the WARN records of vfio_emu.shm.dmesg, batches."""
 
 from __future__ import annotations
 

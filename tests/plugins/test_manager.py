@@ -1,4 +1,8 @@
-"""Driver plugins: per-driver dispatch, observers, loading and validation, and mtty."""
+"""The plugin manager (vfio_emu.plugins.manager): per-driver dispatch, observers, loading
+and validation against the hookspecs, the built-in observers, and the mtty driver.
+
+The test drivers are tests/_drivers.py's generic bus driver plus recording ops; the
+third-party driver installed by entry point is written out in full, as its author would."""
 
 from __future__ import annotations
 
@@ -7,23 +11,14 @@ import textwrap
 import threading
 
 import pytest
+from _drivers import GenericBusDriver, free_if_v61
 from _workers import FAST_CLOCK
 
 from vfio_emu.errors import HangError, KernelOops, PluginError
 from vfio_emu.linux.errno import ENOMEM
 from vfio_emu.linux.kernel import Kernel
 from vfio_emu.linux.mdev import mdev_device_create, mdev_device_remove
-from vfio_emu.linux.vfio import (
-    VfioDevice,
-    get_device,
-    put_device,
-    vfio_alloc_device,
-    vfio_free_device,
-    vfio_group_get_device_fd,
-    vfio_put_device,
-    vfio_register_group_dev,
-    vfio_unregister_group_dev,
-)
+from vfio_emu.linux.vfio import get_device, put_device, vfio_group_get_device_fd
 from vfio_emu.plugins.hookspecs import hookimpl
 from vfio_emu.plugins.manager import ALLOW_ENV, TRACE_ENV, Plugins
 
@@ -37,8 +32,9 @@ def kernel():
         k.close()
 
 
-class NoRelease:
-    """A test driver (it implements probe) without ops->release; records its ops."""
+class NoRelease(GenericBusDriver):
+    """A test driver without ops->release; records its ops.  It is a driver, not an
+    observer: it implements probe (and remove), the generic pair of tests/_drivers.py."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -54,23 +50,6 @@ class NoRelease:
         self.calls.append(f"{self.name}.open_device")
         return 0
 
-    @hookimpl
-    def probe(self, kernel, driver, dev):
-        vdev = vfio_alloc_device(VfioDevice, dev, driver.ops)
-        if isinstance(vdev, int):
-            return vdev
-        ret = vfio_register_group_dev(vdev)
-        if ret:
-            vfio_put_device(vdev)
-            return ret
-        dev.drvdata = vdev
-        return 0
-
-    @hookimpl
-    def remove(self, kernel, driver, dev):
-        vfio_unregister_group_dev(dev.drvdata)
-        vfio_put_device(dev.drvdata)
-
 
 class Recorder(NoRelease):
     """The same driver with a release that frees as each ABI requires."""
@@ -78,8 +57,7 @@ class Recorder(NoRelease):
     @hookimpl
     def release(self, vdev):
         self.calls.append(f"{self.name}.release")
-        if vdev.dev.kernel.semantics == "v6.1":
-            vfio_free_device(vdev)
+        free_if_v61(vdev.dev.kernel, vdev)
 
 
 class Observer:

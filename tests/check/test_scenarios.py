@@ -1,4 +1,5 @@
-"""`vfio-emu run`: well-behaved scenarios report nothing under every mode; buggy ones report."""
+"""`vfio-emu run` (vfio_emu.check.scenarios): well-behaved scenarios report nothing under
+every mode; buggy ones report what names their bug."""
 
 from __future__ import annotations
 

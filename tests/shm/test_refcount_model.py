@@ -1,5 +1,5 @@
-"""Refcount against an independent pure-Python model of the v6.1 rules
-(include/linux/refcount.h, lib/refcount.c).
+"""vfio_emu.shm.refcount's Refcount against an independent pure-Python model of the v6.1
+rules (include/linux/refcount.h, lib/refcount.c).
 
 The model works on a signed 32-bit int with wrapping arithmetic.  After every
 operation the machine compares the return value, read() and the list of WARN

@@ -1,4 +1,5 @@
-"""The vfio-ap plugin: open needs a KVM; the matrix list follows probe and remove."""
+"""The vfio-ap plugin (vfio_emu.plugins.ap): open needs a KVM; the matrix list follows probe
+and remove."""
 
 from __future__ import annotations
 

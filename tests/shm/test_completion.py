@@ -1,5 +1,5 @@
-"""struct completion (kernel/sched/completion.c, v6.1): counting, complete_all, timeouts,
-signals, processes.
+"""struct completion (kernel/sched/completion.c, v6.1) in the arena (vfio_emu.shm.completion):
+counting, complete_all, timeouts, signals, processes.
 
 The fixture arena runs at hz=1000 and 1000x speed: 1 jiffy = 1 us of real time.
 Tests that install a SIGALRM handler switch pytest-timeout to its thread method,
