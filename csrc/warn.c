@@ -79,18 +79,28 @@ static void get_str(char *dst, const char *field, size_t size)
 	dst[size - 1] = 0;
 }
 
-/* Claim r for writing record 'seq'; 0 if a newer or a live writer has it. */
-static int claim(struct vfio_warn_rec *r, uint64_t seq)
+/*
+ * Claim r for writing record 'seq'; 0 if a newer or a live writer has it.  A
+ * sequence past the head, or a claim stamped in the future, can only be
+ * garbage (a corrupt or forged ring): such a record is taken, not obeyed.
+ */
+static int claim(struct vfio_arena *a, struct vfio_warn_rec *r, uint64_t seq)
 {
 	uint64_t cur = atomic_load_explicit(&r->seq, memory_order_relaxed);
 
 	for (;;) {
-		if ((cur & ~REC_BUSY) >= seq)
+		uint64_t head = atomic_load_explicit(&a->hdr->warn_head, memory_order_relaxed);
+		int garbage = (cur & ~REC_BUSY) > head;
+
+		if (!garbage && (cur & ~REC_BUSY) >= seq)
 			return 0;
-		if ((cur & REC_BUSY) &&
-		    vfio_monotonic_ns() - atomic_load_explicit(&r->claim_ns, memory_order_relaxed) <
-		    STALE_CLAIM_NS)
-			return 0;
+		if ((cur & REC_BUSY) && !garbage) {
+			int64_t age = vfio_monotonic_ns() -
+				      atomic_load_explicit(&r->claim_ns, memory_order_relaxed);
+
+			if (age >= 0 && age < STALE_CLAIM_NS)
+				return 0;
+		}
 		if (atomic_compare_exchange_weak_explicit(&r->seq, &cur, seq | REC_BUSY,
 							  memory_order_acquire,
 							  memory_order_relaxed))
@@ -123,7 +133,7 @@ static uint64_t warn_record(struct vfio_arena *a, uint32_t kind, const vfio_hand
 	if (seq == 0 || seq > VFIO_WARN_SEQ_MAX)
 		goto dropped;
 	r = &a->ring[(seq - 1) % a->warn_capacity];
-	if (!claim(r, seq))
+	if (!claim(a, r, seq))
 		goto dropped;
 	PUT(r->time_ns, vfio_monotonic_ns());
 	PUT(r->kind, kind);

@@ -440,3 +440,28 @@ def test_arenas_lists_an_orphan_and_removes_it_but_not_a_live_creators(make_aren
     finally:
         if os.path.exists(SHM + orphan):
             Arena.unlink(orphan)
+
+
+# -- a corrupt WARN ring: read without a crash, and overwritten, not obeyed --------------
+
+RING = 4096  # + capacity * 128: the ring follows the slots; 2048-byte records
+
+
+@pytest.mark.parametrize("garbage", ["ff", "41", "busy-from-the-future"])
+def test_a_corrupt_warn_ring_is_read_safely_and_written_over(make_arena, garbage):
+    a = make_arena(capacity=8, warn_capacity=8)
+    a.warn("before")
+    ring = RING + 8 * 128
+    with open(SHM + a.name, "r+b") as f, mmap.mmap(f.fileno(), ring + 8 * 2048) as m:
+        for rec in range(8):
+            at = ring + rec * 2048
+            if garbage == "busy-from-the-future":  # a live-looking claim stamped in 2262
+                struct.pack_into("<Qq", m, at, (1 << 63) | a.warn_seq, (1 << 63) - 1)
+            else:
+                m[at:at + 2048] = bytes.fromhex(garbage) * 2048
+    assert all(isinstance(w.text, str) for w in a.dmesg())  # whatever it holds now
+    seq, dropped = a.warn_seq, a.warn_dropped
+    for i in range(8):
+        a.warn(f"after {i}")
+    assert a.warn_dropped == dropped
+    assert [w.text for w in a.dmesg(since=seq)] == [f"after {i}" for i in range(8)]
