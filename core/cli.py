@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DEBUG_KOBJECT_RELEASE: run final releases 1-4 s (emulated) later")
     r.add_argument("--unregister-order", choices=UNREGISTER_ORDERS, default="v6.1",
                    help="v6.1: findable while unregister waits; unlink-first: the later order")
-    r.add_argument("--seed", type=int, default=None, help="seed for the release delays")
+    r.add_argument("--seed", type=int, default=0,
+                   help="seed the release delays are drawn from (default 0)")
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.set_defaults(func=cmd_run)
     a = sub.add_parser(

@@ -13,11 +13,12 @@ import threading
 from typing import Any
 
 from vfio_emu.linux.device import StructDevice, device_register, device_unregister, put_device
-from vfio_emu.linux.errno import EINVAL
+from vfio_emu.linux.errno import EINVAL, EPERM
 from vfio_emu.linux.kernel import Kernel
 from vfio_emu.linux.mdev import (
     MdevDevice,
     MdevParent,
+    MdevType,
     mdev_device_create,
     mdev_device_remove,
     mdev_register_parent,
@@ -38,7 +39,9 @@ MAX_ZDEV_ENTRIES_EXT = 256
 
 
 class MatrixDev(StructDevice):
-    """struct ap_matrix_dev: the parent device, with the mdev list and its locks."""
+    """struct ap_matrix_dev: the parent device, with the mdev list and its locks, and the
+    struct mdev_parent (here .mdev_parent: .parent names the device's parent) and the
+    struct mdev_type inside."""
 
 
 class ApMatrixMdev(VfioDevice):
@@ -57,23 +60,27 @@ def driver_init(kernel: Kernel, driver: Any) -> None:
     matrix = kzalloc(kernel, MatrixDev)
     assert matrix is not None
     matrix.release = kfree
+    matrix.parent = kernel.device("vfio_ap")  # root_device_register(VFIO_AP_ROOT_NAME)
     if device_register(matrix, "matrix"):
         put_device(matrix)  # never kfree once registered (ce3895735cc2)
         return
     matrix.mdevs_lock = threading.Lock()
     matrix.guests_lock = threading.Lock()
     matrix.mdev_list = []
-    matrix.parent = embedded(matrix, MdevParent)
-    mdev_register_parent(matrix.parent, matrix,
+    matrix.mdev_parent = embedded(matrix, MdevParent)
+    matrix.mdev_type = embedded(matrix, MdevType)
+    matrix.mdev_type.sysfs_name = "passthrough"  # VFIO_AP_MDEV_TYPE_HWVIRT
+    matrix.mdev_type.pretty_name = "VFIO AP Passthrough Device"
+    mdev_register_parent(matrix.mdev_parent, matrix,
                          driver.mdev_driver(kernel, max_instances=MAX_ZDEV_ENTRIES_EXT),
-                         ["passthrough"])
+                         [matrix.mdev_type])
     kernel.module_data["ap"] = matrix
 
 
 @hookimpl
 def driver_exit(kernel: Kernel, driver: Any) -> None:
     matrix = kernel.module_data.pop("ap")
-    mdev_unregister_parent(matrix.parent)
+    mdev_unregister_parent(matrix.mdev_parent)
     device_unregister(matrix)
 
 
@@ -101,10 +108,15 @@ def release(vdev: ApMatrixMdev) -> None:
 
 @hookimpl
 def open_device(vdev: ApMatrixMdev) -> int:
-    """vfio_ap_mdev_open_device: no KVM, no guest."""
+    """vfio_ap_mdev_open_device: no KVM, no guest (-EINVAL); a KVM another mdev already
+    uses is refused (vfio_ap_mdev_set_kvm: -EPERM)."""
     if vdev.kvm is None:
         return -EINVAL
-    vdev.kvm_attached = vdev.kvm
+    matrix = _matrix(vdev.kernel)
+    with matrix.mdevs_lock:
+        if any(m is not vdev and m.kvm_attached is vdev.kvm for m in matrix.mdev_list):
+            return -EPERM
+        vdev.kvm_attached = vdev.kvm
     return 0
 
 
@@ -144,7 +156,7 @@ def remove(kernel: Kernel, driver: Any, dev: MdevDevice) -> None:
 
 @hookimpl
 def check_bind(kernel: Kernel, driver: Any, name: str) -> MdevDevice | int:
-    return mdev_device_create(_matrix(kernel).parent.types[0], name)
+    return mdev_device_create(_matrix(kernel).mdev_type, name)
 
 
 @hookimpl

@@ -5,8 +5,10 @@ pool (a CAS loop; -ENOSPC when too few are left) and allocates the config
 space (on failure it gives the ports back: -ENOMEM); release gives the ports
 back, frees the config space and - in v6.1 - the device.  The ports come back
 at release, not at remove.  It counts its own instances (get_available), so
-the mdev core does not, and it has no request op: an unregister with an FD
-held just waits.
+the mdev core does not.  Its ops are init and release only (v6.1 mtty_dev_ops:
+no open_device, close_device or request): an unregister with an FD held just
+waits.  The mdev parent and the two types live in the module's static
+mtty_dev; the parent device is the sample's own static device.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from vfio_emu.linux.mdev import (
     mdev_register_parent,
     mdev_unregister_parent,
 )
-from vfio_emu.linux.slab import Tracked, kfree, kzalloc
+from vfio_emu.linux.slab import Tracked, embedded, kfree, kzalloc, module_static
 from vfio_emu.linux.vfio import (
     VfioDevice,
     vfio_alloc_device,
@@ -36,16 +38,16 @@ from vfio_emu.linux.vfio import (
 from vfio_emu.plugins.hookspecs import hookimpl
 
 MAX_FIFOS = 24  # the port pool: MAX_MTTYS * 2 in the C sample
-TYPES = {"mtty-1": 1, "mtty-2": 2}  # type name -> ports per instance
+#: mtty_types[]: (sysfs_name, pretty_name); an instance of type i has i + 1 ports.
+TYPES = (("1", "Single port serial"), ("2", "Dual port serial"))
 
 
 class Globals(Tracked):
-    """The module's globals (mtty_dev): the parent, the port pool."""
+    """The module's statics: mtty_dev (with its mdev parent), mtty_types, the port pool."""
 
     def _kzalloc(self, kernel: Kernel) -> None:
         self.kernel = kernel
         self.avail_ports = MAX_FIFOS
-        self.parent: MdevParent | None = None
 
 
 class VConfig(Tracked):
@@ -56,6 +58,10 @@ class MdevState(VfioDevice):
     """struct mdev_state: the vfio_device first, then the serial ports."""
 
 
+def _nr_ports(g: Globals, mtype: MdevType) -> int:
+    return int(g.types.index(mtype)) + 1
+
+
 def _globals(kernel: Kernel) -> Globals:
     g = kernel.module_data.get("mtty")
     assert isinstance(g, Globals), "mtty: driver_init has not run"
@@ -64,25 +70,24 @@ def _globals(kernel: Kernel) -> Globals:
 
 @hookimpl
 def driver_init(kernel: Kernel, driver: Any) -> None:
-    g = kzalloc(kernel, Globals)
-    assert g is not None
+    g = module_static(kernel, Globals)
     kernel.module_data["mtty"] = g
-    parent = kzalloc(kernel, MdevParent)
-    assert parent is not None
-    g.parent = parent
+    g.parent = embedded(g, MdevParent)
+    g.types = []
+    for sysfs_name, pretty_name in TYPES:
+        mtype = embedded(g, MdevType)
+        mtype.sysfs_name, mtype.pretty_name = sysfs_name, pretty_name
+        g.types.append(mtype)
     adapter = driver.mdev_driver(kernel, get_available=lambda mtype: g.avail_ports //
-                                 TYPES[mtype.name])
-    mdev_register_parent(parent, kernel.device("mtty"), adapter, list(TYPES))
+                                 _nr_ports(g, mtype))
+    mdev_register_parent(g.parent, kernel.device("mtty"), adapter, g.types)
 
 
 @hookimpl
 def driver_exit(kernel: Kernel, driver: Any) -> None:
     g = _globals(kernel)
-    assert g.parent is not None
     mdev_unregister_parent(g.parent)
-    kfree(g.parent)
     del kernel.module_data["mtty"]
-    kfree(g)
 
 
 @hookimpl
@@ -91,7 +96,7 @@ def init(vdev: MdevState) -> int:
     g = _globals(vdev.dev.kernel)  # type: ignore[union-attr]
     mdev = vdev.dev
     assert isinstance(mdev, MdevDevice) and isinstance(mdev.type, MdevType)
-    nr_ports = TYPES[mdev.type.name]
+    nr_ports = _nr_ports(g, mdev.type)  # mdev->type - mtty_types + 1
     if g.avail_ports < nr_ports:  # the C loop is an atomic_try_cmpxchg on the pool
         return -ENOSPC
     g.avail_ports -= nr_ports
@@ -117,16 +122,6 @@ def release(vdev: MdevState) -> None:
 
 
 @hookimpl
-def open_device(vdev: MdevState) -> int:
-    return 0
-
-
-@hookimpl
-def close_device(vdev: MdevState) -> None:
-    pass
-
-
-@hookimpl
 def probe(kernel: Kernel, driver: Any, dev: MdevDevice) -> int:
     """mtty_probe: the generic pattern of alloc, register, put on a register failure."""
     vdev = vfio_alloc_device(MdevState, dev, driver.ops)
@@ -143,9 +138,7 @@ def probe(kernel: Kernel, driver: Any, dev: MdevDevice) -> int:
 @hookimpl
 def check_bind(kernel: Kernel, driver: Any, name: str) -> MdevDevice | int:
     """An mdev of the first type, created through the parent's sysfs."""
-    g = _globals(kernel)
-    assert g.parent is not None
-    return mdev_device_create(g.parent.types[0], name)
+    return mdev_device_create(_globals(kernel).types[0], name)
 
 
 @hookimpl

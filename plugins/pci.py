@@ -7,7 +7,9 @@ leaves
 its undo to release - then register; a failure puts.  open_device builds the region array,
 close_device frees it and resets the bus if no other device of the set is open (the set open
 count still counts the closing device, so "> 1" means "someone else").  request signals
-userspace's eventfd, or says once that nobody listens.
+userspace's eventfd, or says once that nobody listens; match finds the device by name for
+VFIO_GROUP_GET_DEVICE_FD.  (v6.1 vfio_pci_ops: init, release, open_device, close_device,
+request, match - and read/write/mmap/ioctl, which the life cycle does not reach.)
 """
 
 from __future__ import annotations
@@ -121,6 +123,24 @@ def request(vdev: VfioPciCoreDevice, count: int) -> None:
         vdev.req_warned = True
         vdev.pdev.kernel.report("info", f"vfio-pci {vdev.pdev.name}: No device request channel "
                                 "registered, blocked until released by user")
+
+
+@hookimpl
+def match(vdev: VfioPciCoreDevice, buf: str) -> int:
+    """vfio_pci_core_match: the device's name, then optionally " vf_token=<uuid>" - which
+    only a PF or VF that uses tokens accepts (vfio_pci_validate_vf_token); none here."""
+    name = vdev.pdev.name
+    if not buf.startswith(name):
+        return 0
+    rest = buf[len(name):]
+    if rest and rest[0] != " ":
+        return 0  # non-whitespace after the name
+    options = rest.split()
+    if options and options[0].startswith("vf_token=") and len(options) == 1:
+        return -EINVAL  # "VF token incorrectly provided, not a PF or VF"
+    if options:
+        return -EINVAL  # unknown or duplicate option
+    return 1
 
 
 def set_id_of(kernel: Kernel, vdev: VfioPciCoreDevice, dev: Device) -> object:

@@ -53,17 +53,20 @@ class KName(Tracked):
 
 
 class StructDevice(Tracked, Device):
-    """struct device, refcounted: kzalloc() it (or a subclass), then device_register()."""
+    """struct device, refcounted: kzalloc() it (or a subclass), set .parent if it has one,
+    then device_register().  While it is in sysfs (device_add() to device_del()) it holds a
+    reference on its parent, as kobject_add()/kobject_del() do."""
 
     def _kzalloc(self, kernel: Kernel) -> None:
         self.kernel = kernel
         self.name = ""
         self.drvdata = None
+        self.parent: Device | None = None  # dev->parent
         self.kname: KName | None = None
         self.kref = kernel.arena.kref(label=f"device@{id(self):#x}")
         self.kref.refcount.set(0)
         self.initialized = False
-        self.added = False
+        self.added = False  # kobj->state_in_sysfs
         self.release: Callable[[StructDevice], None] | None = None
         self.holders: list[Any] = []
 
@@ -80,6 +83,9 @@ class StructDevice(Tracked, Device):
 
     def put_ref(self) -> None:
         put_device(self)
+
+    def _bus_remove(self) -> None:
+        """bus_remove_device() inside device_del(): unbind the driver (the mdev bus does)."""
 
 
 def _check(dev: object, access: str) -> StructDevice:
@@ -114,12 +120,17 @@ def dev_set_name(dev: StructDevice, name: str) -> int:
     return 0
 
 
-def device_add(dev: StructDevice) -> int:
-    """Into sysfs; fails (-ENOMEM) when an allocation failure is injected."""
+def device_add(dev: StructDevice, *, inject: bool = True) -> int:
+    """Into sysfs, holding a reference on dev->parent (kobject_add) until device_del();
+    fails (-ENOMEM) when an allocation failure is injected (inject=False: a step of the
+    kernel's own that the checker does not fail)."""
     _check(dev, "device_add")
-    fail = dev.kernel.should_fail_alloc("device_add")
-    if fail:
-        return fail
+    if inject:
+        fail = dev.kernel.should_fail_alloc(f"device_add {type(dev).__name__}")
+        if fail:
+            return fail
+    if dev.parent is not None:
+        dev.parent.get_ref()
     dev.added = True
     dev.kernel.trace.record(dev.kernel.jiffies(), dev.name or "-", "device_add")
     return 0
@@ -136,8 +147,15 @@ def device_register(dev: StructDevice, name: str | None = None) -> int:
 
 
 def device_del(dev: StructDevice) -> None:
+    """Out of the device tree: the bus unbinds its driver, then kobject_del() drops the
+    reference on the parent."""
     _check(dev, "device_del")
+    if not dev.added:
+        return
     dev.added = False
+    dev._bus_remove()
+    if dev.parent is not None:
+        dev.parent.put_ref()
 
 
 def device_unregister(dev: StructDevice) -> None:
@@ -154,25 +172,21 @@ def get_device(dev: StructDevice) -> StructDevice:
 
 
 def put_device(dev: StructDevice) -> None:
-    """Drop a reference; the last one runs kobject cleanup: name freed, then dev->release."""
+    """Drop a reference; the last one runs kobject cleanup (see _cleanup)."""
     _check(dev, "put_device")
     if not dev.initialized:
         dev.kernel.warn(f"kobject: '{dev.name or '(null)'}' ({id(dev):#x}): is not "
                         "initialized, yet kobject_put() is being called.")
     if dev.holders:
         dev.holders.pop()
-    if not dev.kref.put():
-        return
-    kernel = dev.kernel
-    if kernel.delayed_release:  # DEBUG_KOBJECT_RELEASE: 1-4 s later, on a worker
-        delay = kernel.HZ + kernel.HZ * kernel.rng.randint(0, 3)
-        kernel.schedule_delayed(delay, lambda: _cleanup(dev), f"{dev.name or 'device'} release")
-    else:
-        _cleanup(dev)
+    if dev.kref.put():
+        dev.kernel.kobject_release(lambda: _cleanup(dev), dev.name or type(dev).__name__)
 
 
 def _cleanup(dev: StructDevice) -> None:
-    """kobject_cleanup(): the release, then the name is freed."""
+    """kobject_cleanup(): a device still in sysfs is taken out (its parent reference is
+    dropped last, after the release); then dev->release, then the name is freed."""
+    parent = dev.parent if dev.added else None
     dev.added = False
     kname, release = dev.kname, dev.release
     if release is None:
@@ -182,3 +196,5 @@ def _cleanup(dev: StructDevice) -> None:
         release(dev)  # may free dev: nothing of it is touched afterwards
     if kname is not None:
         kfree(kname)
+    if parent is not None:
+        parent.put_ref()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from vfio_emu.shm.completion import ERESTARTSYS
 
 EPERM = 1
+ENOENT = 2
 EAGAIN = 11
 ENOMEM = 12
 EBUSY = 16
@@ -17,5 +18,5 @@ EINVAL = 22
 ENOSPC = 28
 EUSERS = 87
 
-__all__ = ["EAGAIN", "EBUSY", "EEXIST", "EINVAL", "ENODEV", "ENOMEM", "ENOSPC", "EPERM",
+__all__ = ["EAGAIN", "EBUSY", "EEXIST", "EINVAL", "ENODEV", "ENOENT", "ENOMEM", "ENOSPC", "EPERM",
            "ERESTARTSYS", "EUSERS"]

@@ -8,6 +8,8 @@ reports.  Two kernels never see each other's devices.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import random
 import threading
@@ -42,7 +44,7 @@ class Kernel:
     def __init__(self, *, semantics: str = "v6.1", unregister_order: str = "v6.1",
                  delayed_release: bool = False, watchdog_s: int = 120, hz: int = 250,
                  time_scale: float = 1000.0, capacity: int = 4096,
-                 arena: Arena | None = None, seed: int | None = None,
+                 arena: Arena | None = None, seed: int | None = 0,
                  container_fix: bool = True, lock_watchdog_s: float = 30.0) -> None:
         """semantics: "v6.1" or "v6.2".  delayed_release: DEBUG_KOBJECT_RELEASE.
         watchdog_s: emulated seconds any life-cycle wait may last before it is
@@ -51,7 +53,9 @@ class Kernel:
         container_fix=False emulates the merge-window core before 7fdba0011157, whose
         container unregister on open failure and close was unbalanced.
         lock_watchdog_s: real seconds a lock wait may take at least before it is reported
-        (threads really contend for locks, so their waits are not scaled).
+        (threads really contend for locks, so their waits are not scaled).  seed: the
+        DEBUG_KOBJECT_RELEASE delays are drawn from it (default 0, so a run repeats; None
+        draws a fresh one).
         """
         if semantics not in SEMANTICS:
             raise InvalidArgumentError(f"semantics={semantics!r}: choose one of {SEMANTICS}")
@@ -93,7 +97,12 @@ class Kernel:
         self.container_devices: set[str] = set()  # registered for dma_unmap notifications
         self.allocations: dict[int, Any] = {}  # live kzalloc'd memory, by id
         self.files: set[DeviceFile] = set()
-        self._workers: list[threading.Thread] = []
+        self._work: list[tuple[int, int, Callable[[], None], str]] = []  # a heap, by due
+        self._work_seq = itertools.count()
+        #: The workqueue's own clock (jiffies): when the last work item ran.  Due times
+        #: count from it, not from the wall clock, so their order follows from the seed.
+        self._work_now = 0
+        self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
         self._fail_allocs = 0
         self._fail_skip = 0
@@ -202,33 +211,90 @@ class Kernel:
 
     # -- DEBUG_KOBJECT_RELEASE's workqueue ------------------------------------
 
-    def schedule_delayed(self, jiffies: int, fn: Callable[[], None], what: str) -> None:
-        """Run fn on a worker after the given emulated delay; errors become reports."""
-        delay_s = self.clock.jiffies_to_ns(jiffies) / 1e9
+    def kobject_release(self, cleanup: Callable[[], None], name: str) -> None:
+        """kobject_release() of the kobject `name`: its cleanup now - or, with
+        DEBUG_KOBJECT_RELEASE, HZ + HZ * (0..3) jiffies later on the workqueue (the delay
+        drawn from the kernel's seed)."""
+        if not self.delayed_release:
+            cleanup()
+            return
+        delay = self.HZ + self.HZ * self.rng.randint(0, 3)
+        self.trace.record(self.jiffies(), name, "kobject_release: delayed",
+                          detail=f"{delay} jiffies")
+        self.schedule_delayed(delay, cleanup, f"{name} release")
 
-        def work() -> None:
-            threading.Event().wait(delay_s)
+    def schedule_delayed(self, jiffies: int, fn: Callable[[], None], what: str) -> None:
+        """schedule_delayed_work(): queue fn to run `jiffies` (emulated) from now.
+
+        The workqueue runs on no timer and keeps its own clock: an item falls due `jiffies`
+        after the last item that ran, whatever the wall clock did meanwhile.  Queued work
+        runs, in the order it falls due (ties: in the order queued), when the emulated
+        kernel has to wait - wait_for_completion(), the unregister loop, a
+        down_write(), flush() - since a waiting task is what lets the delay pass in the
+        kernel.  So whether a delayed release comes before or after the caller's next step
+        never depends on how loaded the machine is.  Errors become reports.
+        """
+        with self._lock:
+            heapq.heappush(self._work, (self._work_now + jiffies, next(self._work_seq),
+                                        fn, what))
+
+    def run_delayed_work(self) -> None:
+        """Let the workqueue's worker run what is queued (every wait of the kernel calls this)."""
+        with self._lock:
+            if self._worker is not None or not self._work:
+                return
+            self._worker = threading.Thread(target=self._drain, name="kworker", daemon=True)
+            worker = self._worker
+        worker.start()
+
+    def advance(self, jiffies: int) -> None:
+        """Let `jiffies` of emulated time pass for the workqueue: run every item due by
+        then (and wait for them), leave later ones queued.  Tests use it to place a
+        delayed release exactly between two steps."""
+        if type(jiffies) is not int or jiffies < 0:
+            raise InvalidArgumentError(f"jiffies={jiffies!r} must be a non-negative int")
+        with self._lock:
+            worker = self._worker
+        if worker is not None:
+            worker.join()
+        with self._lock:
+            limit = self._work_now + jiffies
+        worker = threading.Thread(target=self._drain, args=(limit,), name="kworker")
+        with self._lock:
+            self._worker = worker
+        worker.start()
+        worker.join()
+        with self._lock:
+            self._work_now = max(self._work_now, limit)
+
+    def _drain(self, limit: int | None = None) -> None:
+        while True:
+            with self._lock:
+                if not self._work or (limit is not None and self._work[0][0] > limit):
+                    self._worker = None
+                    return
+                due, _, fn, what = heapq.heappop(self._work)
+                self._work_now = max(self._work_now, due)
             try:
                 fn()
             except BaseException as e:  # a release that crashed: never lose it
                 if not isinstance(e, ReportedError):  # not already reported
                     self.report("oops", f"BUG: {what} raised {type(e).__name__}: {e}")
 
-        t = threading.Thread(target=work, name=f"kworker:{what}", daemon=True)
-        with self._lock:
-            self._workers.append(t)
-        t.start()
-
     def flush(self, timeout_s: float = 60.0) -> None:
-        """flush_scheduled_work(): wait for every delayed release, including those that
-        delayed releases queue themselves."""
+        """flush_scheduled_work(): run and wait for every queued work item, including those
+        that work items queue themselves."""
         while True:
+            self.run_delayed_work()
             with self._lock:
-                workers, self._workers = self._workers, []
-            if not workers:
+                worker = self._worker
+            if worker is None:
                 return
-            for t in workers:
-                t.join(timeout_s)
+            worker.join(timeout_s)
+            if worker.is_alive():
+                self.report("hang", self.hung_task(timeout_s),
+                            "flush_scheduled_work(): a work item never finished")
+                return
 
     def hung_task(self, seconds: float) -> str:
         """The hung-task detector's first line."""
@@ -251,7 +317,9 @@ class Kernel:
         if not isinstance(comp, Completion):
             raise InvalidArgumentError(f"wait_for_completion: {comp!r} is not a Completion")
         waited = 0
+        self.run_delayed_work()
         while comp.wait_for_completion_timeout(self.HZ * 10) == 0:
+            self.run_delayed_work()
             waited += 10
             if waited >= self.watchdog_s:
                 who = holders() if holders is not None else []

@@ -1,9 +1,16 @@
-"""The mdev core (drivers/vfio/mdev): parents, types, instances, available-instance accounting.
+"""The mdev core (drivers/vfio/mdev, v6.1): parents, types, instances and their accounting.
 
-An instance counted against max_instances comes back only when the mdev
-OBJECT is released - not at remove - so a reference held elsewhere (or a
-delayed release) keeps it away.  A parent's unreg_sem is held for write
-while mdev_unregister_parent() removes every child; creates meanwhile fail.
+The driver owns the memory: its struct mdev_parent and struct mdev_type are
+embedded in its own structures.  Each type has a kobject: registering the
+parent takes get_device(parent->dev) for it (mdev_type_add), every mdev
+takes a reference on it (mdev_device_create), and its release - after the
+parent is unregistered and the last mdev released - puts parent->dev
+(mdev_type_release).  mdev_device_release() reads mdev->type->parent, gives
+the instance back to the parent (when the core counts them) and puts the
+type: so an instance comes back only when the mdev OBJECT is released, not at
+remove, and a type or parent freed before that release is a use-after-free.
+A parent's unreg_sem is held for write while mdev_unregister_parent()
+removes every child; creates meanwhile fail.
 """
 
 from __future__ import annotations
@@ -13,8 +20,16 @@ import time
 from typing import Any
 
 from vfio_emu.errors import HangError, InvalidArgumentError
-from vfio_emu.linux.device import Device, StructDevice, device_initialize, get_device, put_device
-from vfio_emu.linux.errno import EAGAIN, EEXIST, ENODEV, ENOMEM, EUSERS
+from vfio_emu.linux.device import (
+    Device,
+    StructDevice,
+    device_add,
+    device_del,
+    device_initialize,
+    get_device,
+    put_device,
+)
+from vfio_emu.linux.errno import EAGAIN, EEXIST, ENODEV, ENOENT, ENOMEM, EUSERS
 from vfio_emu.linux.kernel import Kernel
 from vfio_emu.linux.slab import Tracked, kfree, kzalloc, mem_of
 
@@ -46,6 +61,7 @@ class RWSem:
         limit = time.monotonic() + kernel.lock_timeout_s()
         with self._cond:
             while self._writer or self._readers:
+                kernel.run_delayed_work()  # a waiting task lets queued releases run
                 if time.monotonic() >= limit:
                     raise HangError(kernel.report(
                         "hang", kernel.hung_task(kernel.lock_timeout_s()),
@@ -60,21 +76,35 @@ class RWSem:
             self._cond.notify_all()
 
 
-class MdevType:
-    """struct mdev_type: what userspace creates instances of."""
+class MdevType(Tracked):
+    """struct mdev_type: embed it in the driver's struct (slab.embedded) and name it
+    (sysfs_name); mdev_register_parent() adds it.  Its kobject counts the parent's
+    registration and every mdev of the type."""
 
-    def __init__(self, parent: MdevParent, name: str) -> None:
-        self.parent = parent
-        self.name = name
+    def _kzalloc(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.sysfs_name = ""
+        self.pretty_name = ""
+        self.parent: MdevParent | None = None
+        self.kobj = kernel.arena.kref(label=f"mdev_type@{id(self):#x}")
+        self.kobj.refcount.set(0)  # zeroed memory: kobject_init() in mdev_type_add makes it 1
+        self.in_sysfs = False  # its directory, and so its 'create' file, exists
+
+    def _kfree(self) -> None:
+        object.__getattribute__(self, "kobj").free()
 
     def __repr__(self) -> str:
-        return f"<MdevType {self.name}>"
+        mem = mem_of(self)
+        if mem is not None and mem.freed:
+            return f"<MdevType {mem.what} freed>"
+        return f"<MdevType {self.sysfs_name}>"
 
 
 class MdevParent(Tracked):
-    """struct mdev_parent: kzalloc() it, or embed it (memory.embedded) in the driver's struct.
+    """struct mdev_parent: embed it (slab.embedded) in the driver's struct, or kzalloc() it.
 
-    The caller must keep it - and dev - alive until mdev_unregister_parent().
+    The caller must keep it - and dev - alive until mdev_unregister_parent() (and, as the
+    kernel has it, until the last mdev of its types is released: that release writes it).
     """
 
     def _kzalloc(self, kernel: Kernel) -> None:
@@ -89,16 +119,18 @@ class MdevParent(Tracked):
 
 
 class MdevDevice(StructDevice):
-    """struct mdev_device: a refcounted struct device; its release returns the instance."""
+    """struct mdev_device: a refcounted struct device whose parent is the parent's device;
+    mdev->type leads to the mdev_parent.  Its release gives the instance back."""
 
     def _kzalloc(self, kernel: Kernel) -> None:
         super()._kzalloc(kernel)
-        self.parent: MdevParent | None = None
         self.type: MdevType | None = None
         self.uuid = ""
         self.active = False
-        self.counted = False
-        self.pins_parent = False
+        self.bound = False  # the mdev driver's probe succeeded: device_del() unbinds it
+        #: The emulator's own bookkeeping (no kernel field): the parent whose instance this
+        #: mdev holds, compared by identity only, for the accounting check.
+        self.accounted_to: MdevParent | None = None
         self.release = mdev_device_release
 
     def __repr__(self) -> str:
@@ -107,40 +139,89 @@ class MdevDevice(StructDevice):
             return f"<MdevDevice {mem.what} freed>"
         return f"<MdevDevice {self.uuid}>"
 
+    def _bus_remove(self) -> None:
+        """device_del() of a bound mdev: the bus unbinds the driver (its remove, which may
+        block in vfio_unregister_group_dev)."""
+        if self.bound:
+            self.bound = False
+            assert self.type is not None and self.type.parent is not None
+            self.type.parent.driver.remove(self)
+
+
+def _counts_instances(parent: MdevParent) -> bool:
+    """The core counts instances unless the driver has get_available."""
+    return getattr(parent.driver, "get_available", None) is None
+
 
 def mdev_register_parent(parent: MdevParent, dev: Device, driver: Any,
-                         types: list[str]) -> int:
-    """Make dev an mdev parent with these type names; available = driver.max_instances."""
+                         types: list[MdevType]) -> int:
+    """Make dev an mdev parent with these types (each takes get_device(dev) until its
+    kobject is released); available_instances = driver.max_instances."""
     if not isinstance(parent, MdevParent):
         raise InvalidArgumentError(f"mdev_register_parent: {parent!r} is not an MdevParent")
     if not isinstance(dev, Device):
         raise InvalidArgumentError(f"mdev_register_parent: {dev!r} is not a Device")
-    if not types or not all(isinstance(t, str) and t for t in types):
-        raise InvalidArgumentError(f"mdev_register_parent: types must be names, not {types!r}")
+    if (not types or not all(isinstance(t, MdevType) for t in types)
+            or not all(isinstance(t.sysfs_name, str) and t.sysfs_name for t in types)):
+        raise InvalidArgumentError(
+            f"mdev_register_parent: types must be named MdevType structs, not {types!r}")
     for attr in ("probe", "remove"):
         if not callable(getattr(driver, attr, None)):
             raise InvalidArgumentError(f"mdev_register_parent: the mdev driver has no {attr}()")
     parent.dev, parent.driver = dev, driver
-    parent.types = [MdevType(parent, t) for t in types]
+    parent.types = list(types)
     parent.available_instances = parent.max_instances = int(
         getattr(driver, "max_instances", 0) or 0)
+    for mtype in parent.types:  # parent_create_sysfs_files()
+        _mdev_type_add(parent, mtype)
     parent.registered = True
     parent.kernel.trace.record(parent.kernel.jiffies(), dev.name, "mdev_register_parent",
                                detail=f"available {parent.available_instances}")
     return 0
 
 
+def _mdev_type_add(parent: MdevParent, mtype: MdevType) -> None:
+    """mdev_type_add(): the type's kobject (1), pinning parent->dev until its release."""
+    mtype.parent = parent
+    assert parent.dev is not None
+    parent.dev.get_ref()
+    mtype.kobj.init()
+    mtype.in_sysfs = True
+
+
+def _mdev_type_remove(mtype: MdevType) -> None:
+    """mdev_type_remove(): out of sysfs (no more 'create'), then the registration's put."""
+    mtype.in_sysfs = False
+    _mdev_type_put(mtype)
+
+
+def _mdev_type_put(mtype: MdevType) -> None:
+    """kobject_put(&type->kobj); the last one releases it (later, with delayed release)."""
+    if mtype.kobj.put():
+        mtype.kernel.kobject_release(lambda: _mdev_type_release(mtype),
+                                     f"mdev_type {mtype.sysfs_name}")
+
+
+def _mdev_type_release(mtype: MdevType) -> None:
+    """mdev_type_release(): put_device(type->parent->dev) - reading the type and the parent."""
+    parent = mtype.parent
+    assert parent is not None and parent.dev is not None
+    parent.dev.put_ref()
+
+
 def mdev_unregister_parent(parent: MdevParent) -> None:
-    """Remove every child mdev (each may block on its FDs) with unreg_sem held for write."""
-    kernel = parent.kernel
+    """Remove every child mdev (each may block on its FDs) with unreg_sem held for write,
+    then the types' sysfs files."""
     if not isinstance(parent, MdevParent):
         raise InvalidArgumentError(f"mdev_unregister_parent: {parent!r} is not an MdevParent")
+    kernel = parent.kernel
     parent.unreg_sem.down_write()
     try:
-        # Every child still in the device tree, whatever its 'active' flag says.
-        for mdev in [m for m in kernel.mdevs if m.parent is parent and m.added]:
-            mdev.active = False
+        # device_for_each_child(parent->dev): every mdev still in the device tree.
+        for mdev in [m for m in kernel.mdevs if m.parent is parent.dev and m.added]:
             _remove(mdev)
+        for mtype in parent.types:  # parent_remove_sysfs_files()
+            _mdev_type_remove(mtype)
     finally:
         parent.unreg_sem.up_write()
     parent.registered = False
@@ -151,9 +232,9 @@ def mdev_unregister_parent(parent: MdevParent) -> None:
 def _check_accounting(parent: MdevParent, when: str) -> None:
     """The emulator's own check (the kernel has none): every counted instance is either
     available or held by a live mdev - not lost, not counted twice."""
-    if getattr(parent.driver, "get_available", None) is not None:
+    if not _counts_instances(parent):
         return
-    live = sum(1 for m in parent.kernel.mdevs if m.parent is parent and m.counted)
+    live = sum(1 for m in parent.kernel.mdevs if m.accounted_to is parent)
     if parent.available_instances + live != parent.max_instances:
         parent.kernel.warn(
             f"mdev: {parent.dev.name if parent.dev else '?'}: available_instances "
@@ -162,21 +243,24 @@ def _check_accounting(parent: MdevParent, when: str) -> None:
 
 
 def mdev_device_create(mtype: MdevType, uuid: str) -> MdevDevice | int:
-    """Create an instance: counted against max_instances unless the driver has
-    get_available; the driver's probe runs; the mdev, or -errno."""
+    """The type's sysfs 'create': an instance (counted against max_instances unless the
+    driver has get_available), probed by the driver; the mdev, or -errno (-ENOENT once the
+    parent is unregistered: the file is gone)."""
     if not isinstance(mtype, MdevType):
         raise InvalidArgumentError(f"mdev_device_create: {mtype!r} is not an MdevType")
+    if not mtype.in_sysfs:
+        return -ENOENT
     parent = mtype.parent
+    assert parent is not None and parent.dev is not None
     kernel = parent.kernel
     driver = parent.driver
-    counted = getattr(driver, "get_available", None) is None
     fault = kernel.injected("mdev_create")
     if fault:
         return fault
     with kernel.mdev_list_lock:  # the uuid check, the instance and the list add, as one
         if any(m.uuid == uuid for m in kernel.mdevs):
             return -EEXIST
-        if counted:
+        if _counts_instances(parent):
             if parent.available_instances == 0:
                 return -EUSERS
             parent.available_instances -= 1
@@ -185,23 +269,21 @@ def mdev_device_create(mtype: MdevType, uuid: str) -> MdevDevice | int:
             _check_accounting(parent, "after a failed create")
             return -ENOMEM  # as upstream: the instance taken above is not given back
         device_initialize(mdev)
-        mdev.parent, mdev.type, mdev.uuid, mdev.counted = parent, mtype, uuid, counted
-        mdev.name = uuid
+        mdev.parent, mdev.type, mdev.uuid, mdev.name = parent.dev, mtype, uuid, uuid
+        mdev.accounted_to = parent if _counts_instances(parent) else None
+        mtype.kobj.get()  # pairs with the put in mdev_device_release()
         kernel.mdevs.append(mdev)
     if not parent.unreg_sem.down_read_trylock():
         mdev_put_device(mdev)
         return -ENODEV
     try:
-        mdev.added = True  # device_add(): pins the parent device until the release
-        if parent.dev is not None:
-            mdev.pins_parent = True
-            parent.dev.get_ref()
-        ret = driver.probe(mdev)
+        device_add(mdev, inject=False)  # pins parent->dev until device_del
+        ret = driver.probe(mdev)  # device_driver_attach()
         if ret:
-            _device_del(mdev)
+            device_del(mdev)
             mdev_put_device(mdev)
             return int(ret)
-        mdev.active = True
+        mdev.bound = mdev.active = True
     finally:
         parent.unreg_sem.up_read()
     kernel.trace.record(kernel.jiffies(), uuid, "mdev_device_create",
@@ -212,30 +294,27 @@ def mdev_device_create(mtype: MdevType, uuid: str) -> MdevDevice | int:
 
 
 def _remove(mdev: MdevDevice) -> None:
-    """device_del (the driver's remove, which may block in unregister), then put_device."""
-    assert mdev.parent is not None
-    mdev.added = False  # device_del(), whose bus remove calls the driver's remove
-    mdev.parent.driver.remove(mdev)
+    """mdev_device_remove_common(): device_del (the driver's remove, which may block in
+    unregister; then the parent reference goes), then the put that balances
+    device_initialize()."""
+    device_del(mdev)
     mdev.kernel.trace.record(mdev.kernel.jiffies(), mdev.uuid, "mdev_device_remove")
     mdev_put_device(mdev)
-
-
-def _device_del(mdev: MdevDevice) -> None:
-    """device_del(): out of the device tree (the parent stays pinned until the release)."""
-    mdev.added = False
 
 
 def mdev_device_remove(mdev: MdevDevice) -> int:
     """sysfs 'remove': 0, -ENODEV (unknown, or its parent is unregistering) or -EAGAIN."""
     if not isinstance(mdev, MdevDevice):
         raise InvalidArgumentError(f"mdev_device_remove: {mdev!r} is not an MdevDevice")
-    if mdev not in mdev.kernel.mdevs:
-        return -ENODEV
-    if not mdev.active:
-        return -EAGAIN
-    mdev.active = False
-    parent = mdev.parent
-    assert parent is not None
+    kernel = mdev.kernel
+    with kernel.mdev_list_lock:
+        if mdev not in kernel.mdevs:
+            return -ENODEV
+        if not mdev.active:
+            return -EAGAIN
+        mdev.active = False
+    assert mdev.type is not None and mdev.type.parent is not None
+    parent = mdev.type.parent
     if not parent.unreg_sem.down_read_trylock():
         return -ENODEV
     try:
@@ -256,21 +335,23 @@ def mdev_put_device(mdev: MdevDevice) -> None:
     put_device(mdev)
 
 
-def mdev_device_release(mdev: StructDevice) -> None:
-    """Unlink, give the instance back (if counted) - touching the parent - and free."""
-    assert isinstance(mdev, MdevDevice)
-    kernel = mdev.kernel
-    parent = mdev.parent
+def mdev_device_release(dev: StructDevice) -> None:
+    """mdev_device_release(): parent = mdev->type->parent; off the list and, if the core
+    counts instances, available_instances++ (a freed type or parent makes these
+    use-after-free); then the put of the type; then kfree(mdev)."""
+    assert isinstance(dev, MdevDevice)
+    mdev, kernel = dev, dev.kernel
+    mtype = mdev.type
+    assert mtype is not None
+    parent = mtype.parent
+    assert parent is not None
     with kernel.mdev_list_lock:
         if mdev in kernel.mdevs:
             kernel.mdevs.remove(mdev)
-        if mdev.counted and parent is not None:
-            parent.available_instances += 1  # a freed parent makes this a use-after-free
+        if _counts_instances(parent):
+            parent.available_instances += 1
         kernel.trace.record(kernel.jiffies(), mdev.uuid, "mdev_device_release",
-                            detail=f"available {parent.available_instances if parent else '-'}")
-        pinned = parent.dev if parent is not None and mdev.pins_parent else None
-        kfree(mdev)
-        if parent is not None:
-            _check_accounting(parent, "after release")
-    if pinned is not None:
-        pinned.put_ref()  # the parent reference goes with the child's cleanup
+                            detail=f"available {parent.available_instances}")
+        _check_accounting(parent, "after release")
+    _mdev_type_put(mtype)  # pairs with the get in mdev_device_create()
+    kfree(mdev)

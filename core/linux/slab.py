@@ -35,6 +35,10 @@ class Memory:
     free_stack: Stack = field(default_factory=Stack)
     free_pid: int = 0
     freed: bool = False
+    #: Structs embedded in this memory: their _kfree hooks run when it is freed.
+    embedded: list[Any] = field(default_factory=list)
+    #: A module's static memory: never freed, never a leak.
+    static: bool = False
 
 
 def mem_of(obj: object) -> Memory | None:
@@ -99,10 +103,25 @@ def kzalloc(kernel: Kernel, cls: type[_T]) -> _T | None:
     return obj
 
 
+def module_static(kernel: Kernel, cls: type[_T]) -> _T:
+    """A driver module's static memory (its file-scope structs, e.g. mtty_dev): zeroed and
+    watched by KASAN like kzalloc'd memory, but never failing and never freed - it lives
+    as long as the emulated kernel.  (The kernel frees it at module unload; the checker
+    never races module unload against work still queued on it: see docs/semantics.md.)"""
+    if not (isinstance(cls, type) and issubclass(cls, Tracked)):
+        raise InvalidArgumentError(f"module_static: {cls!r} is not a kernel struct (Tracked)")
+    obj = object.__new__(cls)
+    d = object.__getattribute__(obj, "__dict__")
+    d["_kmem"] = Memory(kernel, f"static {cls.__name__}@{id(obj):#x}", capture_stack(),
+                        static=True)
+    obj._kzalloc(kernel)
+    return obj
+
+
 def kfree(obj: Tracked) -> None:
     """kfree()/kvfree(): poison the struct; freeing it again is a double-free."""
     mem = mem_of(obj) if isinstance(obj, Tracked) else None
-    if mem is None:
+    if mem is None or mem.static:
         raise InvalidArgumentError(f"kfree: {obj!r} was not allocated by kzalloc()")
     container = object.__getattribute__(obj, "__dict__").get("_kembedded_in")
     if container is not None:
@@ -116,6 +135,8 @@ def kfree(obj: Tracked) -> None:
                     (f"Freed by task {mem.free_pid}", mem.free_stack)))
         raise KasanDoubleFree(rep)
     object.__getattribute__(obj, "_kfree")()
+    for inner in mem.embedded:
+        object.__getattribute__(inner, "_kfree")()
     mem.freed = True
     mem.free_stack = capture_stack()
     mem.free_pid = os.getpid()
@@ -140,4 +161,5 @@ def embedded(container: Tracked, cls: type[_T]) -> _T:
     d["_kmem"] = mem
     d["_kembedded_in"] = mem.what
     obj._kzalloc(mem.kernel)
+    mem.embedded.append(obj)
     return obj

@@ -57,8 +57,7 @@ class Core:
     dev_set: DeviceSet | None = None
     open_count: int = 0
     initialized: bool = False  # device_initialize() ran: the kobject exists
-    in_sysfs: bool = False
-    pins_parent: bool = False  # device_add() took a parent reference, until release
+    in_sysfs: bool = False  # device_add() to device_del(): holds a reference on dev
     kvm: Any = None  # valid between open_device and close_device
     holders: list[tuple[int, Stack]] = field(default_factory=list)  # get_device() callers
 
@@ -374,22 +373,17 @@ def vfio_put_device(vdev: VfioDevice) -> None:
     if core.state in (State.REGISTERED, State.UNREGISTERING):
         kernel.warn(f"vfio {core.name}: released while still registered: still on the group "
                     "device list and in sysfs, reachable by every open FD")
-    if kernel.delayed_release:
-        delay = kernel.HZ + kernel.HZ * kernel.rng.randint(0, 3)  # as kobject_release()
-        _trace(core, "kobject_release: delayed", detail=f"{delay} jiffies")
-        kernel.schedule_delayed(delay, lambda: vfio_device_release(vdev), f"{core.name} release")
-    else:
-        vfio_device_release(vdev)
+    kernel.kobject_release(lambda: vfio_device_release(vdev), core.name)
 
 
 def vfio_device_release(vdev: VfioDevice) -> None:
     """The device's release: leave the set, free the index, ops->release (v6.2: then free)."""
     core = core_of(vdev, "vfio_device_release")
     kernel = core.kernel
-    _device_del(core)  # kobject_cleanup() of a device still in sysfs deletes it itself
-    # The parent reference goes last, after the release (which may free vdev itself).
-    pinned = core.dev if core.pins_parent else None
-    core.pins_parent = False
+    # kobject_cleanup(): a device still in sysfs is taken out of it, and its reference on
+    # the parent goes last, after the release (which may free vdev itself).
+    pinned = core.dev if core.in_sysfs else None
+    core.in_sysfs = False
     try:
         _release(vdev, core, kernel)
     finally:
@@ -424,7 +418,6 @@ def memset_vfio_device(vdev: VfioDevice) -> None:
     core.comp.reinit()
     core.index, core.dev, core.ops, core.dev_set = -1, None, None, None
     core.open_count, core.initialized, core.in_sysfs = 0, False, False
-    core.pins_parent = False
     core.holders.clear()
     core.state = State.ALLOCATED
     _trace(core, "memset vfio_device")
@@ -479,7 +472,6 @@ def _register(vdev: VfioDevice, how: str) -> int:
                             "exists on group")
                 return -EBUSY
     core.in_sysfs = True  # dev_set_name("vfio%d") + device_add(): pins the parent
-    core.pins_parent = core.dev is not None
     if core.dev is not None:
         core.dev.get_ref()
     before = core.refcount.read()
@@ -510,9 +502,13 @@ def _unlink(vdev: VfioDevice, core: Core) -> None:
 
 
 def _device_del(core: Core) -> None:
-    """device_del(): out of sysfs.  The parent stays pinned until the release: a kobject
-    keeps its parent until its own cleanup (kobject, since v5.8)."""
+    """device_del(): out of sysfs; kobject_del() drops the reference on the parent (the
+    release no longer needs it: lib/kobject.c)."""
+    if not core.in_sysfs:
+        return
     core.in_sysfs = False
+    if core.dev is not None:
+        core.dev.put_ref()
 
 
 def vfio_unregister_group_dev(vdev: VfioDevice) -> None:
@@ -532,6 +528,7 @@ def vfio_unregister_group_dev(vdev: VfioDevice) -> None:
     i, interrupted, waited = 0, False, 0
     request = getattr(core.ops, "request", None)
     while rc <= 0:
+        kernel.run_delayed_work()  # a waiting task lets queued releases run
         if request is not None:
             _trace(core, "ops->request", detail=f"count {i}")
             request(vdev, i)
@@ -701,6 +698,8 @@ def vfio_group_get_device_fd(kernel: Kernel, name: str) -> DeviceFile | int:
                     core.ops, "close_device", None) is not None):
                 _close_device(found, core, last=True)
             core.open_count -= 1
+            if core.open_count == 0:  # err_undo_count: the KVM goes with the last opener
+                core.kvm = None
         _trace(core, "fd creation failed", detail=f"ret {fail}")
         kernel.container_users -= 1
         vfio_device_put_registration(found)

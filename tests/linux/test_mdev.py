@@ -17,6 +17,7 @@ from vfio_emu.linux.errno import ENOMEM, EUSERS
 from vfio_emu.linux.kernel import Kernel
 from vfio_emu.linux.mdev import (
     MdevParent,
+    MdevType,
     mdev_device_create,
     mdev_device_remove,
     mdev_get_device,
@@ -24,38 +25,52 @@ from vfio_emu.linux.mdev import (
     mdev_register_parent,
     mdev_unregister_parent,
 )
-from vfio_emu.linux.slab import kfree, kzalloc
+from vfio_emu.linux.slab import Tracked, embedded, kfree, kzalloc
 
 # -- 22/29/30. mdev ------------------------------------------------------------------------
 
-def mdev_setup(k: Kernel) -> tuple[MdevParent, MdevVfioDriver]:
+class Holder(Tracked):
+    """A driver's struct with the mdev parent and its type inside, as drivers embed them
+    (vfio_ccw_private, ap_matrix_dev, mtty_dev)."""
+
+
+def holder_of(k: Kernel, drv: MdevVfioDriver, dev: str = "0.0.0001",
+              type_name: str = "io") -> Holder:
+    holder = kzalloc(k, Holder)
+    assert holder is not None
+    holder.parent = embedded(holder, MdevParent)
+    holder.mtype = embedded(holder, MdevType)
+    holder.mtype.sysfs_name = type_name
+    assert mdev_register_parent(holder.parent, k.device(dev), drv, [holder.mtype]) == 0
+    return holder
+
+
+def mdev_setup(k: Kernel) -> tuple[Holder, MdevVfioDriver]:
     drv = MdevVfioDriver(k)
-    parent = kzalloc(k, MdevParent)
-    assert mdev_register_parent(parent, k.device("0.0.0001"), drv, ["io"]) == 0
-    return parent, drv
+    return holder_of(k, drv), drv
 
 
 def test_c22_freeing_the_parent_while_an_mdev_is_referenced_is_a_uaf_at_its_release(
         make_kernel):
     k = make_kernel()
     parent, _ = mdev_setup(k)
-    mdev = mdev_device_create(parent.types[0], "uuid-22")
+    mdev = mdev_device_create(parent.mtype, "uuid-22")
     assert not isinstance(mdev, int)
     mdev_get_device(mdev)  # a sysfs user holds the mdev
-    mdev_unregister_parent(parent)
-    kfree(parent)  # BUG: the mdev object is still alive
+    mdev_unregister_parent(parent.parent)
+    kfree(parent)  # BUG: the mdev object is still alive, and its type is in this memory
     with pytest.raises(UseAfterFreeError):
-        mdev_put_device(mdev)  # mdev_device_release gives the instance back to parent
-    assert "available_instances" in only_report(k, "use-after-free").title
+        mdev_put_device(mdev)  # mdev_device_release: parent = mdev->type->parent
+    assert "read of MdevType.parent" in only_report(k, "use-after-free").title
 
 
 def test_c22_freeing_the_parent_after_the_last_mdev_reference_is_fine(make_kernel):
     k = make_kernel()
     parent, drv = mdev_setup(k)
-    mdev = mdev_device_create(parent.types[0], "uuid-22")
+    mdev = mdev_device_create(parent.mtype, "uuid-22")
     assert not isinstance(mdev, int)
     mdev_get_device(mdev)
-    mdev_unregister_parent(parent)
+    mdev_unregister_parent(parent.parent)
     mdev_put_device(mdev)
     kfree(parent)
     assert drv.ops.calls == ["init", "release"]
@@ -65,28 +80,28 @@ def test_c22_freeing_the_parent_after_the_last_mdev_reference_is_fine(make_kerne
 def test_c29_failed_mdev_allocation_never_returns_its_instance(make_kernel):
     k = make_kernel()
     parent, _ = mdev_setup(k)
-    assert parent.available_instances == 1
+    assert parent.parent.available_instances == 1
     k.fail_next_allocs(1)
-    assert mdev_device_create(parent.types[0], "uuid-29a") == -ENOMEM
-    assert parent.available_instances == 0  # as written upstream: lost
+    assert mdev_device_create(parent.mtype, "uuid-29a") == -ENOMEM
+    assert parent.parent.available_instances == 0  # as written upstream: lost
     assert "an instance was lost or counted twice" in only_report(k, "WARN").title
-    assert mdev_device_create(parent.types[0], "uuid-29b") == -EUSERS
-    mdev_unregister_parent(parent)
+    assert mdev_device_create(parent.mtype, "uuid-29b") == -EUSERS
+    mdev_unregister_parent(parent.parent)
     kfree(parent)
 
 
 def test_c30_create_after_remove_fails_eusers_while_the_old_mdev_is_referenced(make_kernel):
     k = make_kernel()
     parent, _ = mdev_setup(k)
-    old = mdev_device_create(parent.types[0], "uuid-30a")
+    old = mdev_device_create(parent.mtype, "uuid-30a")
     assert not isinstance(old, int)
     mdev_get_device(old)
     assert mdev_device_remove(old) == 0
-    assert mdev_device_create(parent.types[0], "uuid-30b") == -EUSERS
+    assert mdev_device_create(parent.mtype, "uuid-30b") == -EUSERS
     mdev_put_device(old)  # the object release gives the instance back
-    new = mdev_device_create(parent.types[0], "uuid-30c")
+    new = mdev_device_create(parent.mtype, "uuid-30c")
     assert not isinstance(new, int)
-    mdev_unregister_parent(parent)
+    mdev_unregister_parent(parent.parent)
     kfree(parent)
     assert_clean(k)
 
@@ -94,12 +109,12 @@ def test_c30_create_after_remove_fails_eusers_while_the_old_mdev_is_referenced(m
 def test_c30_create_after_remove_succeeds_when_nobody_holds_the_old_mdev(make_kernel):
     k = make_kernel()
     parent, _ = mdev_setup(k)
-    old = mdev_device_create(parent.types[0], "uuid-30a")
+    old = mdev_device_create(parent.mtype, "uuid-30a")
     assert not isinstance(old, int)
     assert mdev_device_remove(old) == 0
-    new = mdev_device_create(parent.types[0], "uuid-30b")
+    new = mdev_device_create(parent.mtype, "uuid-30b")
     assert not isinstance(new, int)
-    mdev_unregister_parent(parent)
+    mdev_unregister_parent(parent.parent)
     kfree(parent)
     assert_clean(k)
 
@@ -112,7 +127,7 @@ class DoubleCountingDriver(MdevVfioDriver):
     max_instances = 2
 
     def probe(self, mdev):
-        mdev.parent.available_instances -= 1  # BUG: the core already counted this one
+        mdev.type.parent.available_instances -= 1  # BUG: the core already counted this one
         return super().probe(mdev)
 
     def remove(self, mdev):
@@ -122,13 +137,12 @@ class DoubleCountingDriver(MdevVfioDriver):
 def test_c31_counting_in_driver_and_core_warns_and_refuses_the_second_instance(make_kernel):
     k = make_kernel()
     drv = DoubleCountingDriver(k)
-    parent = kzalloc(k, MdevParent)
-    assert mdev_register_parent(parent, k.device("matrix"), drv, ["ap"]) == 0
-    first = mdev_device_create(parent.types[0], "uuid-31a")
+    parent = holder_of(k, drv, "matrix", "passthrough")
+    first = mdev_device_create(parent.mtype, "uuid-31a")
     assert not isinstance(first, int)
     assert "an instance was lost or counted twice" in only_report(k, "WARN").title
-    assert mdev_device_create(parent.types[0], "uuid-31b") == -EUSERS  # only 1 exists
-    mdev_unregister_parent(parent)
+    assert mdev_device_create(parent.mtype, "uuid-31b") == -EUSERS  # only 1 exists
+    mdev_unregister_parent(parent.parent)
     kfree(parent)
 
 
@@ -136,12 +150,11 @@ def test_c31_counting_only_in_the_core_allows_max_instances(make_kernel):
     k = make_kernel()
     drv = MdevVfioDriver(k)
     drv.max_instances = 2
-    parent = kzalloc(k, MdevParent)
-    assert mdev_register_parent(parent, k.device("matrix"), drv, ["ap"]) == 0
-    mdevs = [mdev_device_create(parent.types[0], f"uuid-31-{i}") for i in range(2)]
+    parent = holder_of(k, drv, "matrix", "passthrough")
+    mdevs = [mdev_device_create(parent.mtype, f"uuid-31-{i}") for i in range(2)]
     assert not any(isinstance(m, int) for m in mdevs)
-    assert parent.available_instances == 0
-    mdev_unregister_parent(parent)
-    assert parent.available_instances == 2
+    assert parent.parent.available_instances == 0
+    mdev_unregister_parent(parent.parent)
+    assert parent.parent.available_instances == 2
     kfree(parent)
     assert_clean(k)

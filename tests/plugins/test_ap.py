@@ -41,7 +41,7 @@ def test_the_matrix_list_holds_exactly_the_probed_mdevs(ap):
         matrix = k.module_data["ap"]
         mdevs = [ap.bind(k, f"ap-{i}") for i in range(3)]
         assert [v.dev for v in matrix.mdev_list] == mdevs
-        assert matrix.parent.available_instances == 256 - 3
+        assert matrix.mdev_parent.available_instances == 256 - 3
         ap.unbind(k, mdevs[1])
         assert [v.dev for v in matrix.mdev_list] == [mdevs[0], mdevs[2]]
         for m in (mdevs[0], mdevs[2]):

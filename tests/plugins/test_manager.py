@@ -298,8 +298,8 @@ def test_the_tracer_puts_every_driver_op_on_the_timeline(kernel):
     mtty.unbind(kernel, m)
     mtty.exit_module(kernel)
     ops = [e.op for e in kernel.trace.events if e.op.startswith(("ops->", "mtty "))]
-    assert ops == ["ops->init", "mtty probe", "ops->open_device", "ops->close_device",
-                   "ops->release", "mtty remove"]
+    # v6.1 mtty_dev_ops has init and release only: the open and close reach no op.
+    assert ops == ["ops->init", "mtty probe", "ops->release", "mtty remove"]
     assert kernel.findings() == [] and kernel.leak_check() == []
 
 
