@@ -10,6 +10,7 @@ import pytest
 
 from vfio_emu.check.scenarios import SCENARIOS
 from vfio_emu.cli import main
+from vfio_emu.linux.kernel import Kernel
 
 GOOD = [s.name for s in SCENARIOS.values() if not s.buggy]
 MODES = [("v6.1", False), ("v6.1", True), ("v6.2", False), ("v6.2", True)]
@@ -86,3 +87,13 @@ def test_run_prints_a_timeline_and_the_reports(capsys):
     out = capsys.readouterr().out
     assert "vfio_register_group_dev" in out and "BUG: kernel NULL pointer dereference" in out
     assert out.rstrip().endswith("2 report(s): leak, oops")
+
+
+def test_the_buggy_assume_sync_release_scenario_reports_its_uaf_every_time():
+    """The scenario frees state right after the final put; the delayed release then writes
+    it.  Whether the release ran first once depended on the machine's load; now the
+    workqueue runs only when the kernel waits, so it never can."""
+    for run in range(20):
+        with Kernel(delayed_release=True, seed=run) as k:
+            SCENARIOS["assume-sync-release"].run(k)
+            assert [r.kind for r in k.reports] == ["use-after-free"], run

@@ -20,6 +20,7 @@ from vfio_emu.linux.device import (
     device_register,
     device_unregister,
 )
+from vfio_emu.linux.device import get_device as get_device_struct
 from vfio_emu.linux.device import put_device as put_device_struct
 from vfio_emu.linux.errno import ENOMEM
 from vfio_emu.linux.kernel import Kernel
@@ -77,3 +78,50 @@ def test_struct_device_without_release_warns_it_is_broken(make_kernel):
     device_unregister(parent)
     assert "does not have a release() function" in only_report(k, "WARN").title
     kfree(parent)
+
+
+# -- the parent reference (lib/kobject.c: kobject_add, kobject_del, kobject_cleanup) --------
+
+class ChildDevice(StructDevice):
+    """A struct device with a parent."""
+
+
+def parent_and_child(k: Kernel) -> tuple[ParentDevice, ChildDevice, list[str]]:
+    released: list[str] = []
+    parent = kzalloc(k, ParentDevice)
+    parent.release = lambda dev: (released.append("parent"), kfree(dev))
+    assert device_register(parent, "parent") == 0
+    child = kzalloc(k, ChildDevice)
+    child.parent = parent
+    child.release = lambda dev: (released.append("child"), kfree(dev))
+    assert device_register(child, "child") == 0
+    return parent, child, released
+
+
+def test_device_del_drops_the_reference_on_the_parent_at_once(make_kernel):
+    """kobject_del() puts kobj->parent: a deleted child that is still referenced no longer
+    pins its parent (kobject_cleanup() then skips the put: 'avoid dropping the parent
+    reference unnecessarily')."""
+    k = make_kernel()
+    parent, child, released = parent_and_child(k)
+    assert parent.kref.read() == 2  # its own, and the child's from device_add()
+    get_device_struct(child)  # someone still holds the child
+    device_unregister(child)  # device_del() + put
+    assert parent.kref.read() == 1
+    device_unregister(parent)
+    assert released == ["parent"]  # gone, though the child is not
+    put_device_struct(child)
+    assert released == ["parent", "child"]
+    assert_clean(k)
+
+
+def test_a_child_never_deleted_pins_its_parent_until_after_its_release(make_kernel):
+    """kobject_cleanup() of a kobject still in sysfs deletes it itself and drops the
+    parent reference last, after the release."""
+    k = make_kernel()
+    parent, child, released = parent_and_child(k)
+    device_unregister(parent)  # the parent's own reference goes; the child still pins it
+    assert released == []
+    put_device_struct(child)  # no device_del(): cleanup deletes it
+    assert released == ["child", "parent"]
+    assert_clean(k)

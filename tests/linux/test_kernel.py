@@ -4,6 +4,7 @@ with its counters, and what its delayed-release worker reports.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -64,3 +65,38 @@ def test_a_delayed_release_that_raises_an_unreported_error_is_reported(make_kern
     remove(vdev)
     k.flush()
     assert any("vfio_free_device" in r.title or "v6.2" in r.title for r in k.reports)
+
+
+# -- the workqueue: delayed work on its own clock, never on the wall clock -----------------
+
+def test_delayed_work_waits_for_the_kernel_to_wait_not_for_the_wall_clock(make_kernel):
+    k = make_kernel(delayed_release=True)
+    ran: list[str] = []
+    k.schedule_delayed(1, lambda: ran.append("work"), "work")
+    threading.Event().wait(0.05)  # far past its emulated delay in real time
+    assert ran == []  # nothing waited: it has not run
+    k.flush()
+    assert ran == ["work"]
+
+
+def test_delayed_work_runs_in_the_order_it_falls_due_and_ties_in_queue_order(make_kernel):
+    k = make_kernel(delayed_release=True)
+    ran: list[str] = []
+    for name, delay in (("late", 3), ("early", 1), ("tie-first", 2), ("tie-second", 2)):
+        k.schedule_delayed(delay, lambda n=name: ran.append(n), name)
+    k.advance(2)  # two jiffies pass: what falls due by then runs, in due order
+    assert ran == ["early", "tie-first", "tie-second"]
+    k.flush()
+    assert ran[-1] == "late"
+
+
+def test_the_release_delays_follow_from_the_seed(make_kernel):
+    def delays(seed: int) -> list[str]:
+        k = make_kernel(delayed_release=True, seed=seed)
+        for name in "abcd":
+            k.kobject_release(lambda: None, name)
+        return [e.detail for e in k.trace.events if e.op == "kobject_release: delayed"]
+
+    assert delays(7) == delays(7)
+    assert len({tuple(delays(s)) for s in range(8)}) > 1
+

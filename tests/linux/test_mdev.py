@@ -8,12 +8,15 @@ the behaviour they pin; "cNN" names the bug class (docs/lifecycle.md lists them)
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from _asserts import assert_clean, only_report
-from _drivers import MdevVfioDriver
+from _drivers import Driver, MdevVfioDriver
 
 from vfio_emu.errors import UseAfterFreeError
-from vfio_emu.linux.errno import ENOMEM, EUSERS
+from vfio_emu.linux.device import StructDevice, device_register, device_unregister
+from vfio_emu.linux.errno import ENOENT, ENOMEM, EUSERS
 from vfio_emu.linux.kernel import Kernel
 from vfio_emu.linux.mdev import (
     MdevParent,
@@ -26,6 +29,7 @@ from vfio_emu.linux.mdev import (
     mdev_unregister_parent,
 )
 from vfio_emu.linux.slab import Tracked, embedded, kfree, kzalloc
+from vfio_emu.linux.vfio import get_device, put_device
 
 # -- 22/29/30. mdev ------------------------------------------------------------------------
 
@@ -157,4 +161,80 @@ def test_c31_counting_only_in_the_core_allows_max_instances(make_kernel):
     mdev_unregister_parent(parent.parent)
     assert parent.parent.available_instances == 2
     kfree(parent)
+    assert_clean(k)
+
+
+# -- the kernel's mechanism: who pins whom (mdev_core.c, mdev_sysfs.c, lib/kobject.c) -------
+
+class ReleaseReadsTheMdev(Driver):
+    """An ops->release that still reads vdev->dev - the mdev - as no release may."""
+
+    def release(self, vdev: Any) -> None:
+        self.seen = vdev.dev.uuid
+        super().release(vdev)
+
+
+def test_a_held_vfio_device_does_not_keep_its_mdev_or_the_instance_after_remove(make_kernel):
+    """vfio_unregister_group_dev() ends in device_del(&vdev->device), whose kobject_del()
+    drops the vfio_device's reference on its parent, the mdev: a vfio_device held by an
+    extra get_device() no longer pins the mdev, so mdev_device_remove() releases the mdev
+    and its instance comes back at once - and a release that still reads vdev->dev then
+    reads freed memory."""
+    k = make_kernel()
+    drv = MdevVfioDriver(k)
+    drv.ops = ReleaseReadsTheMdev(k)
+    holder = holder_of(k, drv)
+    mdev = mdev_device_create(holder.mtype, "uuid-held")
+    assert not isinstance(mdev, int)
+    vdev = get_device(mdev.drvdata)  # someone holds the vfio_device
+    assert mdev_device_remove(mdev) == 0
+    assert holder.parent.available_instances == 1  # the mdev was released at remove
+    again = mdev_device_create(holder.mtype, "uuid-again")
+    assert not isinstance(again, int)
+    with pytest.raises(UseAfterFreeError):
+        put_device(vdev)  # the last put: the release reads the freed mdev
+    assert "read of MdevDevice.uuid" in only_report(k, "use-after-free").title
+    k.reports.clear()
+    mdev_unregister_parent(holder.parent)
+    kfree(holder)
+
+
+def test_the_type_pins_the_parent_device_until_its_last_mdev_is_released(make_kernel):
+    """mdev_type_add() takes get_device(parent->dev) for each type and mdev_type_release()
+    puts it; mdev_device_create() takes a reference on the type and mdev_device_release()
+    puts it: a refcounted parent device outlives its unregistration while an mdev lives."""
+    k = make_kernel()
+    released: list[str] = []
+    pdev = kzalloc(k, StructDevice)
+    pdev.release = lambda dev: (released.append("parent device"), kfree(dev))
+    assert device_register(pdev, "matrix") == 0
+    drv = MdevVfioDriver(k)
+    holder = kzalloc(k, Holder)
+    holder.parent = embedded(holder, MdevParent)
+    holder.mtype = embedded(holder, MdevType)
+    holder.mtype.sysfs_name = "passthrough"
+    assert mdev_register_parent(holder.parent, pdev, drv, [holder.mtype]) == 0
+    assert pdev.kref.read() == 2  # its own and the type's
+    mdev = mdev_device_create(holder.mtype, "uuid-pin")
+    assert not isinstance(mdev, int)
+    assert (pdev.kref.read(), holder.mtype.kobj.read()) == (3, 2)  # + the mdev's; + the mdev
+    mdev_get_device(mdev)
+    mdev_unregister_parent(holder.parent)  # the mdev is removed (device_del: -1), the type
+    device_unregister(pdev)  # removed (-1 on it): its own reference goes too
+    assert released == [] and pdev.kref.read() == 1  # the type still pins it
+    mdev_put_device(mdev)  # release: instance back, the type's last put, then the parent's
+    assert released == ["parent device"]
+    kfree(holder)
+    assert_clean(k)
+
+
+def test_create_after_the_parent_is_unregistered_finds_no_create_file(make_kernel):
+    """parent_remove_sysfs_files() removes each type's directory with its 'create'
+    attribute: userspace gets -ENOENT, and mdev_device_create() is never reached."""
+    k = make_kernel()
+    holder, drv = mdev_setup(k)
+    mdev_unregister_parent(holder.parent)
+    assert mdev_device_create(holder.mtype, "uuid-late") == -ENOENT
+    assert drv.ops.calls == []
+    kfree(holder)
     assert_clean(k)

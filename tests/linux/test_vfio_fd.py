@@ -109,3 +109,18 @@ def test_c26_every_close_unregistering_the_container_corrupts_its_list(
     else:
         assert warns == ["list_del corruption: vfio0->iommu_entry is not on the container's "
                          "device list (container unregistered twice)"]
+
+
+@BOTH
+def test_a_failed_fd_creation_unwinds_open_count_and_the_kvm(make_kernel, semantics):
+    """vfio_device_open()'s err_undo_count: open_count--, and the KVM the first open took
+    from the group is cleared when the count is back at 0."""
+    k = make_kernel(semantics=semantics)
+    vdev, drv = probe(k)
+    k.kvm = "kvm"
+    k.fail_next_allocs(1)  # anon_inode_getfile() fails
+    assert vfio_group_get_device_fd(k, NAME) == -ENOMEM
+    assert (vdev.open_count, vdev.kvm) == (0, None)
+    assert drv.calls == ["init", "open_device", "close_device"]
+    remove(vdev)
+    assert_clean(k)

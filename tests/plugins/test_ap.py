@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from _workers import FAST_CLOCK
 
-from vfio_emu.linux.errno import EINVAL
+from vfio_emu.linux.errno import EINVAL, EPERM
 from vfio_emu.linux.kernel import Kernel
 from vfio_emu.linux.vfio import DeviceFile, vfio_group_get_device_fd
 from vfio_emu.plugins.manager import Plugins
@@ -46,5 +46,24 @@ def test_the_matrix_list_holds_exactly_the_probed_mdevs(ap):
         assert [v.dev for v in matrix.mdev_list] == [mdevs[0], mdevs[2]]
         for m in (mdevs[0], mdevs[2]):
             ap.unbind(k, m)
+        ap.exit_module(k)
+        assert k.findings() == [] and k.leak_check() == []
+
+
+def test_a_kvm_already_used_by_another_matrix_mdev_is_refused_eperm(ap):
+    """vfio_ap_mdev_set_kvm(): two matrix mdevs may not share a guest."""
+    with Kernel(**FAST_CLOCK) as k:
+        ap.init_module(k)
+        first, second = (ap.bind(k, f"ap-{i}") for i in range(2))
+        k.kvm = "kvm-1"
+        fd = vfio_group_get_device_fd(k, "ap-0")
+        assert isinstance(fd, DeviceFile)
+        assert vfio_group_get_device_fd(k, "ap-1") == -EPERM
+        fd.close()
+        again = vfio_group_get_device_fd(k, "ap-1")  # free again once the first closed
+        assert isinstance(again, DeviceFile)
+        again.close()
+        for m in (first, second):
+            assert ap.unbind(k, m) == 0
         ap.exit_module(k)
         assert k.findings() == [] and k.leak_check() == []

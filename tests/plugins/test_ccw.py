@@ -7,7 +7,7 @@ import pytest
 from _workers import FAST_CLOCK
 
 from vfio_emu.errors import UseAfterFreeError
-from vfio_emu.linux.errno import ENOMEM
+from vfio_emu.linux.errno import EINVAL, ENOMEM
 from vfio_emu.linux.kernel import Kernel
 from vfio_emu.linux.mdev import (
     mdev_device_create,
@@ -125,3 +125,83 @@ def test_v61_css_probe_rejects_nothing_but_a_not_oper_subchannel(ccw):
         assert mdev_device_create(sch.drvdata.mdev_type, "u") == -19  # -ENODEV
         ccw_plugin.css_remove_61(k, sch)
         assert k.leak_check() == []
+
+
+# -- the real wiring and every op (vfio_ccw_drv.c, vfio_ccw_ops.c) --------------------------
+
+def test_ccw_implements_the_ops_its_kernel_struct_has(ccw):
+    """vfio_ccw_dev_ops: init, release, open_device, close_device, request (and read,
+    write, ioctl, dma_unmap, which the life cycle does not reach)."""
+    assert {op for op in ("init", "release", "open_device", "close_device", "request", "match")
+            if getattr(ccw.ops, op, None) is not None} == {
+        "init", "release", "open_device", "close_device", "request"}
+
+
+def test_v62_mdev_parent_is_registered_on_the_subchannel_and_pins_it_not_the_parent(ccw):
+    """vfio_ccw_sch_probe (v6.2): mdev_register_parent(&parent->parent, &sch->dev, ...);
+    struct vfio_ccw_parent is a child device of the subchannel that only its own
+    registration holds."""
+    with kernel(semantics="v6.2") as k:
+        mdev = ccw.bind(k, "0.0.0001")
+        sch = k.device("0.0.0001.sch")
+        parent = sch.drvdata
+        assert isinstance(parent, ccw_plugin.CcwParent) and parent.parent is sch
+        assert mdev.parent is sch and mdev.type is parent.mdev_type
+        assert parent.mdev_parent.dev is sch
+        assert parent.kref.read() == 1  # neither the type nor the mdev pins it
+        assert parent.drvdata is mdev.drvdata  # the private, in the parent's drvdata
+        assert ccw.unbind(k, mdev) == 0
+        assert k.findings() == [] and k.leak_check() == []
+
+
+@pytest.mark.parametrize("semantics", ["v6.1", "v6.2"])
+def test_open_registers_the_regions_and_close_drops_them(ccw, semantics):
+    with kernel(semantics=semantics) as k:
+        mdev = ccw.bind(k, "0.0.0001")
+        private = mdev.drvdata
+        fd = vfio_group_get_device_fd(k, "0.0.0001")
+        assert private.fsm_state == ccw_plugin.IDLE and private.region is not None
+        fd.close()
+        assert private.fsm_state == ccw_plugin.STANDBY and private.region is None
+        assert ccw.unbind(k, mdev) == 0
+        assert k.findings() == [] and k.leak_check() == []
+
+
+@pytest.mark.parametrize("semantics", ["v6.1", "v6.2"])
+def test_open_of_a_not_operational_subchannel_is_einval(ccw, semantics):
+    with kernel(semantics=semantics) as k:
+        mdev = ccw.bind(k, "0.0.0001")
+        mdev.drvdata.fsm_state = ccw_plugin.NOT_OPER
+        assert vfio_group_get_device_fd(k, "0.0.0001") == -EINVAL
+        mdev.drvdata.fsm_state = ccw_plugin.STANDBY
+        assert ccw.unbind(k, mdev) == 0
+        assert k.findings() == [] and k.leak_check() == []
+
+
+def test_request_relays_unregister_to_the_eventfd_or_says_once_nobody_listens(ccw):
+    with kernel(semantics="v6.2") as k:
+        mdev = ccw.bind(k, "0.0.0001")
+        fd = vfio_group_get_device_fd(k, "0.0.0001")
+        k.kvm = None
+        signalled: list[int] = []
+
+        def userspace(count: int) -> None:  # the eventfd: let go on the second request
+            signalled.append(count)
+            if count == 1:
+                fd.close()
+
+        ccw_plugin.set_req_trigger(mdev.drvdata, userspace)
+        assert ccw.unbind(k, mdev) == 0
+        assert signalled == [0, 1]
+        assert [r for r in k.reports if r.kind == "info"] == []
+
+    with kernel(semantics="v6.2") as k:
+        mdev = ccw.bind(k, "0.0.0001")
+        for count in range(3):  # what unregister's loop calls, every 10 s, with no eventfd
+            ccw.ops.request(mdev.drvdata, count)
+        notices = [r.title for r in k.reports if r.kind == "info"]
+        assert notices == ["vfio_ccw 0.0.0001: No device request channel registered, "
+                           "blocked until released by user"]
+        k.reports.clear()
+        assert ccw.unbind(k, mdev) == 0
+        assert k.findings() == [] and k.leak_check() == []

@@ -340,3 +340,18 @@ def test_a_kernel_fault_point_fails_its_step_and_the_driver_unwinds(step):
         mtty.exit_module(k)
         assert [r for r in k.findings()] == [] and k.leak_check() == []
         assert any(e.op == f"fault injected: {step}" for e in k.trace.events)
+
+
+def test_the_builtin_drivers_implement_the_ops_of_their_kernel_structs():
+    """v6.1: vfio_pci_ops, vfio_ccw_dev_ops, vfio_ap_matrix_dev_ops, mtty_dev_ops - the
+    members the life cycle reaches."""
+    p = Plugins(load_entrypoints=False)
+    ops = {name: {op for op in ("init", "release", "open_device", "close_device", "request",
+                                "match") if getattr(p.driver(name).ops, op, None) is not None}
+           for name in ("ap", "ccw", "mtty", "pci")}
+    assert ops == {
+        "pci": {"init", "release", "open_device", "close_device", "request", "match"},
+        "ccw": {"init", "release", "open_device", "close_device", "request"},
+        "ap": {"init", "release", "open_device", "close_device"},
+        "mtty": {"init", "release"},
+    }

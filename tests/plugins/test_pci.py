@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from _workers import FAST_CLOCK
 
-from vfio_emu.linux.errno import EINVAL
+from vfio_emu.linux.errno import EINVAL, ENODEV
 from vfio_emu.linux.kernel import Kernel
 from vfio_emu.linux.vfio import vfio_group_get_device_fd
 from vfio_emu.plugins.manager import Plugins
@@ -117,3 +117,19 @@ def test_without_a_request_channel_remove_says_so_once_and_waits(pci, kernel):
 def test_a_denylisted_device_is_refused_before_anything_is_allocated(pci, kernel):
     assert pci.probe(kernel, kernel.device("0000:00:1f.3")) == -EINVAL
     assert kernel.allocations == {} and kernel.leak_check() == []
+
+
+def test_match_finds_the_function_by_name_and_refuses_a_vf_token_it_has_no_use_for(
+        pci, kernel):
+    """vfio_pci_core_match: the name, then only " vf_token=<uuid>" - which a device that is
+    neither a PF nor a VF refuses (vfio_pci_validate_vf_token: -EINVAL)."""
+    dev = bind(pci, kernel, "0000:00:04.0")
+    assert vfio_group_get_device_fd(kernel, "0000:00:04.00") == -ENODEV  # not this name
+    token = "vf_token=2ab74924-c335-45f4-9b16-8569e5b08258"
+    assert vfio_group_get_device_fd(kernel, f"0000:00:04.0 {token}") == -EINVAL
+    assert vfio_group_get_device_fd(kernel, "0000:00:04.0 bogus=1") == -EINVAL
+    fd = vfio_group_get_device_fd(kernel, "0000:00:04.0")
+    assert not isinstance(fd, int)
+    fd.close()
+    pci.remove(kernel, dev)
+    assert kernel.findings() == [] and kernel.leak_check() == []
