@@ -79,7 +79,7 @@ def checked(plugin, **options):
 BUILTIN = sorted(Plugins(load_entrypoints=False).drivers)
 
 
-#: vfio-ccw's latent holes under delayed release (docs/drivers.md has the kernel functions):
+#: vfio-ccw's latent holes under delayed release (docs/plugins.md has the kernel functions):
 #: the mdev type lives in memory the driver frees at css remove (v6.1: the private; v6.2:
 #: struct vfio_ccw_parent, which nothing in the mdev core pins), while a delayed mdev release
 #: - or the type's own delayed kobject release - still reads it; and, in v6.1, the mdev
