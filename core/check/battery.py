@@ -9,7 +9,6 @@ use-after-free, WARN, oops or hang - and the leak check finds nothing.
 
 from __future__ import annotations
 
-import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ from typing import Any
 
 from vfio_emu.errors import EmulatorError, ReportedError
 from vfio_emu.linux.kernel import FAULT_POINTS, Kernel
-from vfio_emu.linux.vfio import DeviceFile, State, core_of, vfio_group_get_device_fd
+from vfio_emu.linux.vfio import DeviceFile, vfio_group_get_device_fd
 from vfio_emu.plugins.manager import Driver
 from vfio_emu.report import Report
 
@@ -76,22 +75,6 @@ def _bound(driver: Driver, kernel: Kernel, name: str = NAME) -> Any:
     return dev
 
 
-def _wait_unregistering(kernel: Kernel, dev: Any) -> None:
-    """Until the driver's vfio_device is waiting in unregister (bounded)."""
-    deadline = threading.Event()
-    for _ in range(2000):
-        vdevs = [d for d in kernel.devices if getattr(d, "dev", None) is dev]
-        if vdevs and core_of(vdevs[0], "check").state is State.UNREGISTERING:
-            return
-        deadline.wait(0.001)
-
-
-def _later(kernel: Kernel, seconds: int, fn: Callable[[], object]) -> threading.Timer:
-    t = threading.Timer(kernel.clock.jiffies_to_ns(kernel.HZ * seconds) / 1e9, fn)
-    t.start()
-    return t
-
-
 def life_cycle(driver: Driver, kernel: Kernel, name: str = NAME) -> None:
     """Bind, open, close, remove."""
     dev = _bound(driver, kernel, name)
@@ -100,36 +83,32 @@ def life_cycle(driver: Driver, kernel: Kernel, name: str = NAME) -> None:
 
 
 def fd_held_during_remove(driver: Driver, kernel: Kernel) -> None:
-    """Remove while userspace holds an FD, which it closes after 25 s."""
+    """Remove while userspace holds an FD, which it closes 25 s later (emulated)."""
     dev = _bound(driver, kernel)
     fd = _open(kernel)
-
-    def userspace() -> None:
-        _wait_unregistering(kernel, dev)
-        _later(kernel, HOLD_S, fd.close).join()
-
-    t = threading.Thread(target=userspace)
-    t.start()
+    kernel.schedule_delayed(kernel.HZ * HOLD_S, fd.close, "userspace closes its FD")
     driver.unbind(kernel, dev)
-    t.join()
 
 
 def open_during_unregister(driver: Driver, kernel: Kernel) -> None:
     """While remove waits, userspace opens the device once more, then closes both."""
     dev = _bound(driver, kernel)
     first = _open(kernel)
+    again: list[DeviceFile] = []
 
-    def userspace() -> None:
-        _wait_unregistering(kernel, dev)
-        again = vfio_group_get_device_fd(kernel, NAME)  # may fail: -ENODEV is fine
-        _later(kernel, HOLD_S, first.close).join()
-        if isinstance(again, DeviceFile):
-            again.close()
+    def reopen() -> None:  # may fail: -ENODEV is fine
+        fd = vfio_group_get_device_fd(kernel, NAME)
+        if isinstance(fd, DeviceFile):
+            again.append(fd)
 
-    t = threading.Thread(target=userspace)
-    t.start()
+    def close_all() -> None:
+        first.close()
+        for fd in again:
+            fd.close()
+
+    kernel.schedule_delayed(1, reopen, "userspace opens the device again")
+    kernel.schedule_delayed(kernel.HZ * HOLD_S, close_all, "userspace closes its FDs")
     driver.unbind(kernel, dev)
-    t.join()
 
 
 def repeated(driver: Driver, kernel: Kernel) -> None:

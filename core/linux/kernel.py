@@ -103,6 +103,7 @@ class Kernel:
         #: count from it, not from the wall clock, so their order follows from the seed.
         self._work_now = 0
         self._worker: threading.Thread | None = None
+        self._advancing = threading.Lock()  # one advance() at a time (not the worker's own)
         self._lock = threading.Lock()
         self._fail_allocs = 0
         self._fail_skip = 0
@@ -183,7 +184,9 @@ class Kernel:
         return self.clock.hz
 
     def jiffies(self) -> int:
-        return self.clock.jiffies()
+        """The emulated time: it passes only while the kernel waits (see advance())."""
+        with self._lock:
+            return self._work_now
 
     # -- reports ------------------------------------------------------------
 
@@ -224,22 +227,23 @@ class Kernel:
         self.schedule_delayed(delay, cleanup, f"{name} release")
 
     def schedule_delayed(self, jiffies: int, fn: Callable[[], None], what: str) -> None:
-        """schedule_delayed_work(): queue fn to run `jiffies` (emulated) from now.
+        """schedule_delayed_work(): queue fn to run `jiffies` (emulated) from now - a
+        delayed release, or an action of userspace's at a time of its choosing.
 
-        The workqueue runs on no timer and keeps its own clock: an item falls due `jiffies`
-        after the last item that ran, whatever the wall clock did meanwhile.  Queued work
-        runs, in the order it falls due (ties: in the order queued), when the emulated
-        kernel has to wait - wait_for_completion(), the unregister loop, a
-        down_write(), flush() - since a waiting task is what lets the delay pass in the
-        kernel.  So whether a delayed release comes before or after the caller's next step
-        never depends on how loaded the machine is.  Errors become reports.
+        The queue runs on no timer.  Emulated time passes only while the emulated kernel
+        waits (wait_for_completion(), the unregister loop: advance()) or flushes, and the
+        items due meanwhile run then, in the order they fall due (ties: in the order
+        queued), on the worker thread.  So whether a delayed release or a close comes
+        before or after the caller's next step follows from the program and the seed,
+        never from how loaded the machine is.  Errors become reports.
         """
         with self._lock:
             heapq.heappush(self._work, (self._work_now + jiffies, next(self._work_seq),
                                         fn, what))
 
     def run_delayed_work(self) -> None:
-        """Let the workqueue's worker run what is queued (every wait of the kernel calls this)."""
+        """Let the worker run everything queued, without waiting for it (a wait that does
+        not know how long it sleeps - a lock - lets queued work go on meanwhile)."""
         with self._lock:
             if self._worker is not None or not self._work:
                 return
@@ -248,30 +252,45 @@ class Kernel:
         worker.start()
 
     def advance(self, jiffies: int) -> None:
-        """Let `jiffies` of emulated time pass for the workqueue: run every item due by
-        then (and wait for them), leave later ones queued.  Tests use it to place a
-        delayed release exactly between two steps."""
+        """Let `jiffies` of emulated time pass: run every queued item due by then, in due
+        order, and wait for them; later ones stay queued.  Every wait of the emulated kernel
+        calls it with the time it sleeps (so userspace's timed actions and delayed releases
+        happen during that sleep, at their emulated time); tests call it to place an event
+        exactly between two steps."""
         if type(jiffies) is not int or jiffies < 0:
             raise InvalidArgumentError(f"jiffies={jiffies!r} must be a non-negative int")
-        with self._lock:
-            worker = self._worker
-        if worker is not None:
-            worker.join()
-        with self._lock:
-            limit = self._work_now + jiffies
-        worker = threading.Thread(target=self._drain, args=(limit,), name="kworker")
-        with self._lock:
-            self._worker = worker
-        worker.start()
-        worker.join()
+        if threading.current_thread() is self._worker:
+            # A work item that waits: what falls due meanwhile runs here, in its thread.
+            with self._lock:
+                limit = self._work_now + jiffies
+            self._run_due(limit)
+        else:
+            with self._advancing:
+                with self._lock:
+                    worker = self._worker
+                if worker is not None:
+                    worker.join()  # a flush's or a kick's drain: let it finish first
+                with self._lock:
+                    limit = self._work_now + jiffies
+                    worker = self._worker = threading.Thread(
+                        target=self._drain, args=(limit,), name="kworker", daemon=True)
+                worker.start()
+                worker.join()
         with self._lock:
             self._work_now = max(self._work_now, limit)
 
     def _drain(self, limit: int | None = None) -> None:
+        """The worker: run what is due, then let the next kick start a new one."""
+        try:
+            self._run_due(limit)
+        finally:
+            with self._lock:
+                self._worker = None
+
+    def _run_due(self, limit: int | None) -> None:
         while True:
             with self._lock:
                 if not self._work or (limit is not None and self._work[0][0] > limit):
-                    self._worker = None
                     return
                 due, _, fn, what = heapq.heappop(self._work)
                 self._work_now = max(self._work_now, due)
@@ -317,9 +336,10 @@ class Kernel:
         if not isinstance(comp, Completion):
             raise InvalidArgumentError(f"wait_for_completion: {comp!r} is not a Completion")
         waited = 0
-        self.run_delayed_work()
-        while comp.wait_for_completion_timeout(self.HZ * 10) == 0:
-            self.run_delayed_work()
+        while not comp.try_wait_for_completion():
+            self.advance(self.HZ * 10)  # 10 s asleep: what falls due meanwhile happens
+            if comp.wait_for_completion_timeout(self.HZ * 10):
+                return
             waited += 10
             if waited >= self.watchdog_s:
                 who = holders() if holders is not None else []

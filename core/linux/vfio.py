@@ -528,11 +528,11 @@ def vfio_unregister_group_dev(vdev: VfioDevice) -> None:
     i, interrupted, waited = 0, False, 0
     request = getattr(core.ops, "request", None)
     while rc <= 0:
-        kernel.run_delayed_work()  # a waiting task lets queued releases run
         if request is not None:
             _trace(core, "ops->request", detail=f"count {i}")
             request(vdev, i)
             i += 1
+        kernel.advance(kernel.HZ * 10)  # 10 s asleep: what falls due meanwhile happens
         if not interrupted:
             rc = core.comp.wait_for_completion_interruptible_timeout(kernel.HZ * 10)
             if rc < 0:
