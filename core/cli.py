@@ -5,17 +5,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict
 
 from vfio_emu import __version__
-from vfio_emu.check import lkdtm
-from vfio_emu.check.battery import check_driver
+from vfio_emu.check import (
+    ALL_MODES,
+    FAIL,
+    KNOWN,
+    NOT_APPLICABLE,
+    OK,
+    Mode,
+    Verdict,
+    check_driver,
+    lkdtm,
+)
+from vfio_emu.check.isolate import BUDGET_S
 from vfio_emu.check.scenarios import SCENARIOS
-from vfio_emu.errors import ArenaNotFoundError, EmulatorError, PluginError
+from vfio_emu.errors import ArenaNotFoundError, EmulatorError
 from vfio_emu.linux.kernel import SEMANTICS, UNREGISTER_ORDERS, Kernel
 from vfio_emu.plugins.manager import Plugins
+from vfio_emu.report import Report
 from vfio_emu.shm.arena import Arena, segments
 
 
@@ -127,16 +140,83 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if findings else 0
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+_STATUS_WIDTH = 5
+_FOLD = re.compile(r'  File "[^"]*(?:/pluggy/|/vfio_emu/|/core/(?:linux|shm|check)/|'
+                   r'/plugins/manager\.py|/threading\.py)[^"]*", line \d+, in .*\n(?:    .*\n)?')
 
+
+def _fold(text: str, keep_all: bool) -> str:
+    """A call trace with the runs of pluggy's and vfio-emu's own frames folded."""
+    if keep_all:
+        return text
+
+    def one_run(m: re.Match[str]) -> str:
+        n = len(_FOLD.findall(m.group(0)))
+        return f"  ... {n} frame(s) of pluggy/vfio-emu (-vv shows them)\n"
+
+    return re.sub(f"(?:{_FOLD.pattern})+", one_run, text)
+
+
+def _verdict_lines(v: Verdict, width: int) -> list[str]:
+    """One scenario's line of the table, wrapped (never cut mid-word)."""
+    findings = v.findings
+    more = f" (+{len(findings) - 1} more)" if len(findings) > 1 else ""
+    why = (findings[0] + more if v.status == FAIL and findings
+           else f"{findings[0]}{more} - {v.note}" if v.status == KNOWN and findings
+           else v.note)
+    head = f"  {v.scenario:<{width}}  {v.status:<{_STATUS_WIDTH}}"
+    if not why:
+        return [head.rstrip()]
+    indent = " " * len(head) + "  "
+    return textwrap.wrap(why, width=max(60, 110), initial_indent=head + "  ",
+                         subsequent_indent=indent) or [head]
+
+
+def _details(v: Verdict, verbose: int) -> str:
+    """What a driver author needs to act on a FAIL."""
+    lines = [f"[{v.driver}: {v.scenario} ({v.mode})]"]
+    if v.where:
+        lines.append(f"first driver frame: {v.where}")
+    if v.injected:
+        lines.append(f"injected: {v.injected}")
+    if v.note:
+        lines.append(f"note: {v.note}")
+    if v.error:
+        lines.append(f"error: {v.error}")
+    lines.append(f"replay: {v.replay()}")
+    for r in v.reports:
+        folded = Report(r.kind, r.title, r.detail,
+                        tuple((h, _fold(st, verbose >= 2)) for h, st in r.stacks))
+        lines.append(str(folded))
+    if verbose and v.timeline:
+        lines.append("timeline:")
+        lines += [f"  {e}" for e in v.timeline]
+    return "\n".join(lines)
+
+
+def _verdict_json(v: Verdict) -> dict[str, object]:
+    return {"scenario": v.scenario, "status": v.status, "passed": v.passed,
+            "error": v.error, "where": v.where, "injected": v.injected, "note": v.note,
+            "replay": v.replay(), "timeline": v.timeline,
+            "reports": [{"kind": r.kind, "title": r.title, "detail": r.detail,
+                         "stacks": [{"heading": h, "stack": st} for h, st in r.stacks]}
+                        for r in v.reports]}
+
+
+def cmd_check(args: argparse.Namespace) -> int:
     try:
-        plugins = Plugins()
-        names = args.driver or sorted(plugins.drivers)
-        drivers = [plugins.driver(n) for n in names]
-    except (PluginError, EmulatorError) as e:
+        plugins = Plugins(strict=False)
+        names = args.driver or sorted(set(plugins.drivers) | set(plugins.errors))
+        unknown = [n for n in names if n not in plugins.drivers and n not in plugins.errors]
+        if unknown:
+            raise EmulatorError(f"no driver named {', '.join(unknown)} (installed: "
+                                f"{', '.join(sorted(plugins.drivers)) or 'none'})")
+        modes = list(ALL_MODES) if args.all_modes else [
+            Mode(args.semantics, args.delayed_release, args.unregister_order)]
+    except (EmulatorError, ValueError) as e:
         print(f"vfio-emu check: {e}", file=sys.stderr)
         return 2
-    if not drivers:
+    if not names:
         print("vfio-emu check: no driver is installed", file=sys.stderr)
         return 2
 
@@ -144,37 +224,52 @@ def cmd_check(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"  checking {what} ...", file=sys.stderr, flush=True)
 
-    results = {d.name: check_driver(d, semantics=args.semantics,
-                                    delayed_release=args.delayed_release, progress=progress)
-               for d in drivers}
-    failed = sum(1 for vs in results.values() for v in vs if not v.passed)
+    results: dict[str, dict[Mode, list[Verdict]]] = {}
+    try:
+        for name in names:
+            results[name] = {}
+            for mode in modes:
+                if name in plugins.errors:  # a broken plugin fails; the others still run
+                    results[name][mode] = [Verdict(name, "load the plugin", mode, args.seed,
+                                                   status=FAIL, error=plugins.errors[name])]
+                    continue
+                results[name][mode] = check_driver(
+                    plugins.driver(name), mode, seed=args.seed, scenarios=args.scenario,
+                    budget_s=args.budget, progress=progress)
+    except EmulatorError as e:
+        print(f"vfio-emu check: {e}", file=sys.stderr)
+        return 2
+    every = [v for by_mode in results.values() for vs in by_mode.values() for v in vs]
+    counts = {status: sum(1 for v in every if v.status == status)
+              for status in (OK, FAIL, KNOWN, NOT_APPLICABLE)}
+    failed = counts[FAIL]
     if args.json:
         print(json.dumps({
-            "semantics": args.semantics, "delayed_release": args.delayed_release,
-            "drivers": {name: [{"scenario": v.scenario, "passed": v.passed, "error": v.error,
-                                "reports": [{"kind": r.kind, "title": r.title,
-                                             "detail": r.detail,
-                                             "stacks": [{"heading": h, "stack": st}
-                                                        for h, st in r.stacks]}
-                                            for r in v.reports]} for v in vs]
-                        for name, vs in results.items()},
+            "seed": args.seed, "modes": [str(m) for m in modes],
+            "summary": {"runs": len(every), "drivers": len(results), **counts},
+            "plugin_errors": plugins.errors,
+            "drivers": {name: {str(mode): [_verdict_json(v) for v in vs]
+                               for mode, vs in by_mode.items()}
+                        for name, by_mode in results.items()},
         }, indent=2))
         return 1 if failed else 0
-    mode = args.semantics + (", delayed release" if args.delayed_release else "")
-    for name, vs in results.items():
-        print(f"driver {name} ({mode})")
-        width = max(len(v.scenario) for v in vs)
-        for v in vs:
-            why = v.error or "; ".join(f"{r.kind}: {r.title}" for r in v.reports)
-            print(f"  {v.scenario:<{width}}  {'ok' if v.passed else 'FAIL'}"
-                  + (f"  {why[:110]}" if why else ""))
-        for v in vs:
-            for r in v.reports:
-                print(f"\n[{name}: {v.scenario}]\n{r}")
-        print()
-    total = sum(len(vs) for vs in results.values())
-    print(f"check: {total - failed} of {total} scenario runs passed"
-          f" ({len(results)} driver{'s' if len(results) != 1 else ''})")
+    for name, by_mode in results.items():
+        for mode, vs in by_mode.items():
+            print(f"driver {name} ({mode})")
+            width = max(len(v.scenario) for v in vs)
+            for v in vs:
+                print("\n".join(_verdict_lines(v, width)))
+            for v in vs:
+                if v.status == FAIL:
+                    print()
+                    print(_details(v, args.verbose))
+            print()
+    print(f"check: {counts[OK] + counts[KNOWN]} of {len(every) - counts[NOT_APPLICABLE]} "
+          f"scenario runs passed ({len(results)} driver{'s' if len(results) != 1 else ''}, "
+          f"{len(modes)} mode{'s' if len(modes) != 1 else ''}, seed {args.seed}"
+          + (f"; {counts[KNOWN]} known finding(s)" if counts[KNOWN] else "")
+          + (f"; {counts[NOT_APPLICABLE]} not applicable" if counts[NOT_APPLICABLE] else "")
+          + ")")
     return 1 if failed else 0
 
 
@@ -254,14 +349,30 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "check", help="run every installed driver through the life-cycle checks",
         description="Load the driver plugins and take each through the battery: life cycle, "
-                    "FD held during remove, open during unregister, repeated probe/remove, "
-                    "delayed release, and a failure injected at every probe allocation. "
-                    "Exit status 1 if any scenario reported something.")
+                    "an FD held during remove (given back after 25 s, or only when "
+                    "ops->request asks), an open during unregister, repeated probe/remove, "
+                    "delayed release, module unload with a device bound or open, and a "
+                    "failure injected at every allocation and kernel step of the module init "
+                    "and of a bind. Each scenario runs in a child process of its own. Exit "
+                    "status 0 clean, 1 findings, 2 usage or the tool's own failure.")
     c.add_argument("driver", nargs="*", help="only these drivers (default: all installed)")
     c.add_argument("--semantics", choices=SEMANTICS, default="v6.1")
     c.add_argument("--delayed-release", action="store_true",
                    help="DEBUG_KOBJECT_RELEASE in every scenario")
-    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("--unregister-order", choices=UNREGISTER_ORDERS, default="v6.1",
+                   help="v6.1: findable while unregister waits; unlink-first: the later order")
+    c.add_argument("--all-modes", action="store_true",
+                   help="v6.1 and v6.2, each with and without delayed release")
+    c.add_argument("--seed", type=int, default=0,
+                   help="the seed every delay is drawn from (each FAIL prints its replay)")
+    c.add_argument("--scenario", action="append", metavar="NAME",
+                   help="only this scenario (repeatable; the names the table shows)")
+    c.add_argument("--budget", type=float, default=BUDGET_S, metavar="SECONDS",
+                   help="real seconds a scenario may run before it is called a hang")
+    c.add_argument("-v", "--verbose", action="count", default=0,
+                   help="-v: each FAIL's timeline; -vv: also the emulator's own frames")
+    c.add_argument("--json", action="store_true",
+                   help="machine-readable output (always a complete document)")
     c.set_defaults(func=cmd_check)
     return parser
 

@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from vfio_emu.linux.device import StructDevice, device_register, device_unregister, put_device
-from vfio_emu.linux.errno import EINVAL, EPERM
+from vfio_emu.linux.errno import EINVAL, ENOMEM, EPERM
 from vfio_emu.linux.kernel import Kernel
 from vfio_emu.linux.mdev import (
     MdevDevice,
@@ -34,6 +34,7 @@ from vfio_emu.linux.vfio import (
     vfio_unregister_group_dev,
 )
 from vfio_emu.plugins.hookspecs import hookimpl
+from vfio_emu.plugins.manager import KnownFinding
 
 MAX_ZDEV_ENTRIES_EXT = 256
 
@@ -55,15 +56,18 @@ def _matrix(kernel: Kernel) -> MatrixDev:
 
 
 @hookimpl
-def driver_init(kernel: Kernel, driver: Any) -> None:
-    """vfio_ap_mdev_register: the matrix device, then the mdev parent on it."""
+def driver_init(kernel: Kernel, driver: Any) -> int:
+    """vfio_ap_init: vfio_ap_matrix_dev_create (the matrix device), then
+    vfio_ap_mdev_register (the mdev parent on it); each failure undoes what came before."""
     matrix = kzalloc(kernel, MatrixDev)
-    assert matrix is not None
+    if matrix is None:
+        return -ENOMEM
     matrix.release = kfree
     matrix.parent = kernel.device("vfio_ap")  # root_device_register(VFIO_AP_ROOT_NAME)
-    if device_register(matrix, "matrix"):
+    ret = device_register(matrix, "matrix")
+    if ret:
         put_device(matrix)  # never kfree once registered (ce3895735cc2)
-        return
+        return ret
     matrix.mdevs_lock = threading.Lock()
     matrix.guests_lock = threading.Lock()
     matrix.mdev_list = []
@@ -71,17 +75,32 @@ def driver_init(kernel: Kernel, driver: Any) -> None:
     matrix.mdev_type = embedded(matrix, MdevType)
     matrix.mdev_type.sysfs_name = "passthrough"  # VFIO_AP_MDEV_TYPE_HWVIRT
     matrix.mdev_type.pretty_name = "VFIO AP Passthrough Device"
-    mdev_register_parent(matrix.mdev_parent, matrix,
-                         driver.mdev_driver(kernel, max_instances=MAX_ZDEV_ENTRIES_EXT),
-                         [matrix.mdev_type])
+    ret = mdev_register_parent(matrix.mdev_parent, matrix,
+                               driver.mdev_driver(kernel, max_instances=MAX_ZDEV_ENTRIES_EXT),
+                               [matrix.mdev_type])
+    if ret:
+        device_unregister(matrix)  # vfio_ap_matrix_dev_destroy()
+        return ret
     kernel.module_data["ap"] = matrix
+    return 0
 
 
 @hookimpl
 def driver_exit(kernel: Kernel, driver: Any) -> None:
-    matrix = kernel.module_data.pop("ap")
+    """vfio_ap_exit: the mdev parent (removing every mdev, whose remove still reaches
+    matrix_dev), then the matrix device."""
+    matrix = _matrix(kernel)
     mdev_unregister_parent(matrix.mdev_parent)
+    del kernel.module_data["ap"]
     device_unregister(matrix)
+
+
+@hookimpl
+def check_known_findings() -> list[KnownFinding]:
+    return [KnownFinding(
+        "FD given back on request", "no request op",
+        "v6.1 vfio_ap_matrix_dev_ops has no request op (added upstream later): removing an "
+        "mdev a VMM holds waits until the VMM lets go on its own")]
 
 
 @hookimpl

@@ -55,6 +55,7 @@ from vfio_emu.linux.vfio import (
     vfio_unregister_group_dev,
 )
 from vfio_emu.plugins.hookspecs import hookimpl
+from vfio_emu.plugins.manager import KnownFinding
 
 # The fsm states the life cycle goes through (vfio_ccw_private.h); private->state is
 # .fsm_state here, as .state is the vfio_device's own life-cycle state.
@@ -315,6 +316,21 @@ def _css(kernel: Kernel) -> tuple[Callable[..., int], Callable[..., None]]:
     return css_probe_62, css_remove_62
 
 
+def _bound_subchannels(kernel: Kernel) -> list[Device]:
+    """The subchannels the css driver is bound to (the driver core's list)."""
+    found: list[Device] = kernel.module_data.setdefault("ccw", [])
+    return found
+
+
+@hookimpl
+def driver_exit(kernel: Kernel, driver: Any) -> None:
+    """vfio_ccw_sch_exit: css_driver_unregister() removes every bound subchannel."""
+    css_remove = _css(kernel)[1]
+    for sch in list(_bound_subchannels(kernel)):
+        _bound_subchannels(kernel).remove(sch)
+        css_remove(kernel, sch)
+
+
 @hookimpl
 def check_bind(kernel: Kernel, driver: Any, name: str) -> MdevDevice | int:
     """A subchannel appears (css probe), then an mdev of it is created."""
@@ -323,9 +339,11 @@ def check_bind(kernel: Kernel, driver: Any, name: str) -> MdevDevice | int:
     ret = css_probe(kernel, driver, sch)
     if ret:
         return ret
+    _bound_subchannels(kernel).append(sch)
     holder = sch.drvdata
     mdev = mdev_device_create(holder.mdev_type, name)
     if isinstance(mdev, int):
+        _bound_subchannels(kernel).remove(sch)
         css_remove(kernel, sch)
     return mdev
 
@@ -335,5 +353,23 @@ def check_unbind(kernel: Kernel, driver: Any, dev: MdevDevice) -> int:
     """The mdev goes, then the subchannel."""
     sch = kernel.device(f"{dev.uuid}.sch")
     ret = mdev_device_remove(dev)
+    _bound_subchannels(kernel).remove(sch)
     _css(kernel)[1](kernel, sch)
     return ret
+
+
+@hookimpl
+def check_known_findings() -> list[KnownFinding]:
+    """The two upstream holes a delayed release shows (docs/plugins.md has the kernel
+    functions); the plugin keeps the upstream code."""
+    return [
+        KnownFinding(
+            "*", "use-after-free in read of MdevType.parent",
+            "upstream: the mdev type is embedded in memory css remove frees (v6.1: the "
+            "private; v6.2: vfio_ccw_parent), which nothing pins, while an mdev's delayed "
+            "release still reads mdev->type->parent"),
+        KnownFinding(
+            "bind: register fails", "use-after-free in vfio_device_release",
+            "upstream v6.1: vfio_ccw_mdev_probe's error path puts without waiting on "
+            "release_comp", semantics="v6.1", delayed_release=True),
+    ]

@@ -58,10 +58,12 @@ def match(vdev: VfioDevice, buf: str) -> int:  # type: ignore[empty-body]
 
 # -- the driver's own entry points ------------------------------------------------------
 
-@hookspec
-def driver_init(kernel: Kernel, driver: Any) -> None:
-    """module_init(): e.g. mtty registers its mdev parent.  driver is the plugin's
-    vfio_emu.plugins.manager.Driver: its ops and an mdev driver adapter."""
+@hookspec(firstresult=True)
+def driver_init(kernel: Kernel, driver: Any) -> int:  # type: ignore[empty-body]
+    """module_init(): e.g. mtty registers its mdev parent; 0 or -errno, and on failure it
+    has undone its own work (the checker fails each of its allocations and kernel steps).
+    driver is the plugin's vfio_emu.plugins.manager.Driver: its ops and an mdev driver
+    adapter."""
 
 
 @hookspec
@@ -91,3 +93,10 @@ def check_bind(kernel: Kernel, driver: Any, name: str) -> Any:
 @hookspec(firstresult=True)
 def check_unbind(kernel: Kernel, driver: Any, dev: Any) -> int:  # type: ignore[empty-body]
     """Unbind and remove that device again (this blocks while FDs are open): 0 or -errno."""
+
+
+@hookspec(firstresult=True)
+def check_known_findings() -> list[Any]:  # type: ignore[empty-body]
+    """Findings of this driver the author knows about (vfio_emu.plugins.manager.KnownFinding:
+    a scenario, a text of the report, a reason): `vfio-emu check` shows them as "known"
+    and fails when one no longer happens."""

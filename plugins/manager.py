@@ -18,10 +18,14 @@ allow-list of names); VFIO_EMU_TRACE_HOOKS=1 prints every hook call.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
+import inspect
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -61,6 +65,31 @@ def _bind(caller: Any, args: tuple[str, ...]) -> Callable[..., Any]:
     return lambda vdev, arg: caller(**{"vdev": vdev, args[1]: arg})
 
 
+@dataclass(frozen=True)
+class KnownFinding:
+    """A finding a driver declares (check_known_findings): in the scenarios matching the
+    glob `scenario`, under the semantics / delayed_release given (None: any), a report
+    title or error containing `match` is known - for `reason`."""
+
+    scenario: str
+    match: str
+    reason: str
+    semantics: str | None = None
+    delayed_release: bool | None = None
+
+    def __post_init__(self) -> None:
+        for what in ("scenario", "match", "reason"):
+            value = getattr(self, what)
+            if not isinstance(value, str) or not value:
+                raise InvalidArgumentError(f"KnownFinding.{what} must be a non-empty str, "
+                                           f"not {value!r}")
+
+    def applies(self, scenario: str, semantics: str, delayed_release: bool) -> bool:
+        return (fnmatch.fnmatchcase(scenario, self.scenario)
+                and self.semantics in (None, semantics)
+                and self.delayed_release in (None, delayed_release))
+
+
 class DriverOps:
     """struct vfio_device_ops of one driver: one attribute per op the driver implements."""
 
@@ -94,18 +123,58 @@ class Driver:
     """One loaded driver plugin: its name, its ops, and its entry points."""
 
     def __init__(self, name: str, plugin: object, ops: DriverOps,
-                 callers: dict[str, Any]) -> None:
+                 callers: dict[str, Any], pm: pluggy.PluginManager | None = None) -> None:
         self.name = name
         self.plugin = plugin
         self.ops = ops
         self._callers = callers
+        self._pm = pm
+
+    @contextmanager
+    def observed(self, observer: object) -> Iterator[None]:
+        """Let an observer's hookimpls (wrappers) see this driver's calls for a while - a
+        checker's userspace answering ops->request, say."""
+        if self._pm is None:
+            raise InvalidArgumentError(f"driver '{self.name}' has no plugin manager")
+        self._pm.register(observer)
+        try:
+            yield
+        finally:
+            self._pm.unregister(observer)
 
     def __repr__(self) -> str:
         return f"<Driver {self.name}>"
 
-    def init_module(self, kernel: Kernel) -> None:
-        """module_init()."""
-        self._callers["driver_init"](kernel=kernel, driver=self)
+    def init_module(self, kernel: Kernel) -> int:
+        """module_init(): 0 or -errno (a driver without driver_init: 0)."""
+        ret = self._callers["driver_init"](kernel=kernel, driver=self)
+        if ret is None and not self._callers["driver_init"].get_hookimpls():
+            return 0
+        if type(ret) is not int or ret > 0:
+            raise PluginError(f"driver '{self.name}': driver_init() must return 0 or -errno, "
+                              f"not {ret!r}")
+        return ret
+
+    @property
+    def source_files(self) -> frozenset[str]:
+        """The files the driver's code is in: where a report's "first driver frame" is."""
+        obj = self.plugin if inspect.ismodule(self.plugin) else type(self.plugin)
+        try:
+            path = inspect.getsourcefile(obj)
+        except TypeError:
+            return frozenset()
+        return frozenset({os.path.realpath(path)}) if path else frozenset()
+
+    def known_findings(self) -> list[KnownFinding]:
+        """What the driver declares it knows about (check_known_findings)."""
+        found = self._callers["check_known_findings"]()
+        if found is None:
+            return []
+        if not isinstance(found, (list, tuple)) or not all(
+                isinstance(k, KnownFinding) for k in found):
+            raise PluginError(f"driver '{self.name}': check_known_findings() must return a "
+                              f"list of KnownFinding, not {found!r}")
+        return list(found)
 
     def exit_module(self, kernel: Kernel) -> None:
         """module_exit()."""
@@ -151,10 +220,15 @@ class Plugins:
 
     def __init__(self, *, builtins: Iterable[str] = BUILTINS, load_entrypoints: bool = True,
                  allow: Iterable[str] | None = None, trace: bool | None = None,
-                 observers: Iterable[str] = ()) -> None:
+                 observers: Iterable[str] = (), strict: bool = True) -> None:
         """allow: the plugin names that may load (default: $VFIO_EMU_PLUGINS, or all).
         trace: print every hook call (default: $VFIO_EMU_TRACE_HOOKS).
-        observers: built-in observers to load too, by name (e.g. "tracer")."""
+        observers: built-in observers to load too, by name (e.g. "tracer").
+        strict=False: a third-party plugin that fails to load or to validate is left out
+        and named in .errors (the checker reports it), instead of raising PluginError."""
+        self._strict = strict
+        #: Third-party plugins left out (strict=False): name -> why.
+        self.errors: dict[str, str] = {}
         if allow is None and os.environ.get(ALLOW_ENV):
             allow = [n.strip() for n in os.environ[ALLOW_ENV].split(",") if n.strip()]
         self._allow = None if allow is None else frozenset(allow)
@@ -185,17 +259,29 @@ class Plugins:
             if not self._allowed(ep.name) or self.pm.has_plugin(ep.name):
                 continue
             try:
-                plugin = ep.load()
-            except Exception as e:
-                raise PluginError(f"plugin '{ep.name}' ({ep.value}) failed to load: "
-                                  f"{type(e).__name__}: {e}") from e
-            self._register(plugin, ep.name, rebuild=False)
+                try:
+                    plugin = ep.load()
+                except Exception as e:
+                    raise PluginError(f"plugin '{ep.name}' ({ep.value}) failed to load: "
+                                      f"{type(e).__name__}: {e}") from e
+                self._register(plugin, ep.name, rebuild=False)
+            except PluginError as e:
+                if self._strict:
+                    raise
+                self.errors[ep.name] = str(e)
 
     def _check_pending(self) -> None:
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as e:
-            raise PluginError(f"plugin '{self.pm.get_name(e.plugin)}': {e}") from e
+        while True:
+            try:
+                self.pm.check_pending()
+                return
+            except pluggy.PluginValidationError as e:
+                name = self.pm.get_name(e.plugin) or repr(e.plugin)
+                error = PluginError(f"plugin '{name}': {e}")
+                if self._strict:
+                    raise error from e
+                self.errors[name] = str(error)
+                self.pm.unregister(e.plugin)
 
     def _register(self, plugin: object, name: str, rebuild: bool = True) -> None:
         try:
@@ -246,9 +332,9 @@ class Plugins:
                 own.enable_tracing()
             callers = {h: getattr(own.hook, h) for h in (
                 *OPS, "driver_init", "driver_exit", "probe", "remove", "check_bind",
-                "check_unbind")}
+                "check_unbind", "check_known_findings")}
             ops = DriverOps(name)
             for op, args in OPS.items():
                 if _implements(getattr(hook, op), plugin):
                     setattr(ops, op, _bind(callers[op], args))
-            self.drivers[name] = Driver(name, plugin, ops, callers)
+            self.drivers[name] = Driver(name, plugin, ops, callers, own)

@@ -36,6 +36,7 @@ from vfio_emu.linux.vfio import (
     vfio_unregister_group_dev,
 )
 from vfio_emu.plugins.hookspecs import hookimpl
+from vfio_emu.plugins.manager import KnownFinding
 
 MAX_FIFOS = 24  # the port pool: MAX_MTTYS * 2 in the C sample
 #: mtty_types[]: (sysfs_name, pretty_name); an instance of type i has i + 1 ports.
@@ -69,7 +70,7 @@ def _globals(kernel: Kernel) -> Globals:
 
 
 @hookimpl
-def driver_init(kernel: Kernel, driver: Any) -> None:
+def driver_init(kernel: Kernel, driver: Any) -> int:
     g = module_static(kernel, Globals)
     kernel.module_data["mtty"] = g
     g.parent = embedded(g, MdevParent)
@@ -80,7 +81,11 @@ def driver_init(kernel: Kernel, driver: Any) -> None:
         g.types.append(mtype)
     adapter = driver.mdev_driver(kernel, get_available=lambda mtype: g.avail_ports //
                                  _nr_ports(g, mtype))
-    mdev_register_parent(g.parent, kernel.device("mtty"), adapter, g.types)
+    ret = mdev_register_parent(g.parent, kernel.device("mtty"), adapter, g.types)
+    if ret:  # mtty_dev_init's err_device: the static device goes (nothing to free)
+        del kernel.module_data["mtty"]
+        return ret
+    return 0
 
 
 @hookimpl
@@ -152,3 +157,11 @@ def remove(kernel: Kernel, driver: Any, dev: MdevDevice) -> None:
     vdev = dev.drvdata
     vfio_unregister_group_dev(vdev)
     vfio_put_device(vdev)
+
+
+@hookimpl
+def check_known_findings() -> list[KnownFinding]:
+    return [KnownFinding(
+        "FD given back on request", "no request op",
+        "the v6.1 mtty sample has no request op: removing an mdev a VMM holds waits until "
+        "the VMM lets go on its own")]

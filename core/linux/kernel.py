@@ -31,8 +31,9 @@ if TYPE_CHECKING:  # annotations only: vfio sits above the kernel state it uses
 #: ida_alloc_max(&vfio.device_ida, MINORMASK): the largest vfio device index.
 MINORMASK = (1 << 20) - 1
 SEMANTICS = ("v6.1", "v6.2")
-#: The kernel's own steps a fault can be injected into (Kernel.inject).
-FAULT_POINTS = ("register", "mdev_create")
+#: The kernel's own steps a fault can be injected into (Kernel.inject): a bind's
+#: (vfio_register_*_dev, mdev_device_create) and a module init's (mdev_register_parent).
+FAULT_POINTS = ("register", "mdev_create", "mdev_register_parent")
 #: "v6.1": the device stays on the group list while unregister waits (re-open race);
 #: "unlink-first": the later order, unlinked and device_del'd before the wait.
 UNREGISTER_ORDERS = ("v6.1", "unlink-first")
@@ -86,6 +87,7 @@ class Kernel:
         self.dev_sets: dict[int, DeviceSet] = {}
         self.devices: list[VfioDevice] = []  # the group device list: findable by name
         self.mdevs: list[Any] = []  # mdev_list: every mdev device of every parent
+        self.mdev_parents: list[Any] = []  # every registered mdev parent
         self.mdev_list_lock = threading.RLock()
         self.xa_lock = threading.Lock()  # the device-set xarray's lock
         self.device_lock = threading.RLock()  # group->device_lock: the group device list
@@ -109,6 +111,7 @@ class Kernel:
         self._fail_skip = 0
         self.alloc_attempts = 0
         self._faults: dict[str, tuple[int, int]] = {}
+        self._fired: set[str] = set()
         self.alloc_log: list[str] = []
 
     # -- fault injection ----------------------------------------------------------
@@ -121,6 +124,12 @@ class Kernel:
         with self._lock:
             self._fail_allocs, self._fail_skip = n, skip
 
+    def clear_faults(self) -> None:
+        """Cancel every injected failure not yet due (those that fired stay recorded)."""
+        with self._lock:
+            self._fail_allocs = self._fail_skip = 0
+            self._faults.clear()
+
     def inject(self, step: str, errno: int, times: int = 1) -> None:
         """Make the kernel's own step ("register", "mdev_create") fail with -errno."""
         if step not in FAULT_POINTS:
@@ -130,6 +139,11 @@ class Kernel:
         with self._lock:
             self._faults[step] = (errno, times)
 
+    def fault_fired(self, step: str) -> bool:
+        """Whether a fault injected into this step was consumed (the step was taken)."""
+        with self._lock:
+            return step in self._fired
+
     def injected(self, step: str) -> int:
         """0, or the -errno an injected fault makes this step return."""
         with self._lock:
@@ -137,6 +151,7 @@ class Kernel:
             if times <= 0:
                 return 0
             self._faults[step] = (errno, times - 1)
+            self._fired.add(step)
         self.trace.record(self.jiffies(), "-", f"fault injected: {step}", detail=f"-{errno}")
         return -errno
 

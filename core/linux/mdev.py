@@ -168,6 +168,9 @@ def mdev_register_parent(parent: MdevParent, dev: Device, driver: Any,
     for attr in ("probe", "remove"):
         if not callable(getattr(driver, attr, None)):
             raise InvalidArgumentError(f"mdev_register_parent: the mdev driver has no {attr}()")
+    fault = parent.kernel.injected("mdev_register_parent")
+    if fault:  # e.g. parent_create_sysfs_files() failing: nothing was registered
+        return fault
     parent.dev, parent.driver = dev, driver
     parent.types = list(types)
     parent.available_instances = parent.max_instances = int(
@@ -175,6 +178,7 @@ def mdev_register_parent(parent: MdevParent, dev: Device, driver: Any,
     for mtype in parent.types:  # parent_create_sysfs_files()
         _mdev_type_add(parent, mtype)
     parent.registered = True
+    parent.kernel.mdev_parents.append(parent)
     parent.kernel.trace.record(parent.kernel.jiffies(), dev.name, "mdev_register_parent",
                                detail=f"available {parent.available_instances}")
     return 0
@@ -225,6 +229,8 @@ def mdev_unregister_parent(parent: MdevParent) -> None:
     finally:
         parent.unreg_sem.up_write()
     parent.registered = False
+    if parent in kernel.mdev_parents:
+        kernel.mdev_parents.remove(parent)
     kernel.trace.record(kernel.jiffies(), parent.dev.name if parent.dev else "-",
                         "mdev_unregister_parent")
 

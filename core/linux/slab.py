@@ -39,6 +39,9 @@ class Memory:
     embedded: list[Any] = field(default_factory=list)
     #: A module's static memory: never freed, never a leak.
     static: bool = False
+    #: The struct itself, held while allocated: a leaked struct stays in memory, as in C
+    #: (and its id, the key of kernel.allocations, cannot be reused meanwhile).
+    obj: Any = field(default=None, repr=False)
 
 
 def mem_of(obj: object) -> Memory | None:
@@ -97,7 +100,7 @@ def kzalloc(kernel: Kernel, cls: type[_T]) -> _T | None:
         return None
     obj = object.__new__(cls)
     d = object.__getattribute__(obj, "__dict__")
-    d["_kmem"] = Memory(kernel, f"{cls.__name__}@{id(obj):#x}", capture_stack())
+    d["_kmem"] = Memory(kernel, f"{cls.__name__}@{id(obj):#x}", capture_stack(), obj=obj)
     kernel.allocations[id(obj)] = d["_kmem"]
     obj._kzalloc(kernel)
     return obj
@@ -140,6 +143,7 @@ def kfree(obj: Tracked) -> None:
     mem.freed = True
     mem.free_stack = capture_stack()
     mem.free_pid = os.getpid()
+    mem.obj = None
     mem.kernel.allocations.pop(id(obj), None)
 
 
