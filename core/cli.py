@@ -260,7 +260,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             for v in vs:
                 print("\n".join(_verdict_lines(v, width)))
             for v in vs:
-                if v.status == FAIL:
+                if v.status == FAIL or (v.status == KNOWN and args.verbose):
                     print()
                     print(_details(v, args.verbose))
             print()
@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--budget", type=float, default=BUDGET_S, metavar="SECONDS",
                    help="real seconds a scenario may run before it is called a hang")
     c.add_argument("-v", "--verbose", action="count", default=0,
-                   help="-v: each FAIL's timeline; -vv: also the emulator's own frames")
+                   help="-v: each FAIL's timeline, and the details of known findings; -vv: "
+                        "also the emulator's own frames")
     c.add_argument("--json", action="store_true",
                    help="machine-readable output (always a complete document)")
     c.set_defaults(func=cmd_check)
