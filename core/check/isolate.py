@@ -62,7 +62,9 @@ def run_isolated(fn: Callable[[], Any], budget_s: float = BUDGET_S) -> Any:
             finally:
                 os._exit(code)
         os.close(w)
+        started = time.monotonic()
         data = _read_all(r, pid, budget_s + 30)
+        elapsed = time.monotonic() - started
         _, status = os.waitpid(pid, 0)
         _unlink_segments_of(pid)
         if data:
@@ -75,6 +77,9 @@ def run_isolated(fn: Callable[[], Any], budget_s: float = BUDGET_S) -> Any:
         if os.WIFSIGNALED(status):
             sig = signal.Signals(os.WTERMSIG(status)).name
             return ChildFailure(False, f"the driver's process died of {sig}", text)
+        if elapsed < budget_s:  # it exited on its own: a runtime (a sanitizer) ended it
+            return ChildFailure(False, "the driver's process died (exit status "
+                                       f"{os.WEXITSTATUS(status)}) without a result", text)
         return ChildFailure(True, f"the scenario did not finish in {budget_s:g} s (real "
                                   "time): something waits on what the emulated kernel cannot "
                                   "see (a plain lock, an event, a loop)", text)
