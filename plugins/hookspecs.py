@@ -100,3 +100,10 @@ def check_known_findings() -> list[Any]:  # type: ignore[empty-body]
     """Findings of this driver the author knows about (vfio_emu.plugins.manager.KnownFinding:
     a scenario, a text of the report, a reason): `vfio-emu check` shows them as "known"
     and fails when one no longer happens."""
+
+
+@hookspec
+def check_invariants(kernel: Kernel, driver: Any) -> list[str]:  # type: ignore[empty-body]
+    """What must hold between any two steps of a scenario, as the driver (or a library it
+    builds on) promises it: one message per broken promise, [] when all hold.  `vfio-emu
+    check` asks after every step and fails the scenario on a broken one."""

@@ -165,6 +165,17 @@ class Driver:
             return frozenset()
         return frozenset({os.path.realpath(path)}) if path else frozenset()
 
+    def invariants(self, kernel: Kernel) -> list[str]:
+        """The promises of this driver (and of the observers) broken now."""
+        broken: list[str] = []
+        for found in self._callers["check_invariants"](kernel=kernel, driver=self):
+            if not isinstance(found, (list, tuple)) or not all(
+                    isinstance(m, str) for m in found):
+                raise PluginError(f"driver '{self.name}': check_invariants() must return a "
+                                  f"list of messages, not {found!r}")
+            broken += found
+        return broken
+
     def known_findings(self) -> list[KnownFinding]:
         """What the driver declares it knows about (check_known_findings)."""
         found = self._callers["check_known_findings"]()
@@ -332,7 +343,7 @@ class Plugins:
                 own.enable_tracing()
             callers = {h: getattr(own.hook, h) for h in (
                 *OPS, "driver_init", "driver_exit", "probe", "remove", "check_bind",
-                "check_unbind", "check_known_findings")}
+                "check_unbind", "check_known_findings", "check_invariants")}
             ops = DriverOps(name)
             for op, args in OPS.items():
                 if _implements(getattr(hook, op), plugin):

@@ -74,6 +74,7 @@ def init(vdev: VfioPciCoreDevice) -> int:
     vdev.pm_save = None
     vdev.req_trigger = None
     vdev.req_warned = False
+    vdev.needs_reset = False
     vdev.resets = 0
     return 0
 
@@ -101,17 +102,37 @@ def open_device(vdev: VfioPciCoreDevice) -> int:
 
 @hookimpl
 def close_device(vdev: VfioPciCoreDevice) -> None:
-    """vfio_pci_core_disable, then the set-wide reset on the set's last close."""
+    """vfio_pci_core_disable (the device needs a reset now), then
+    vfio_pci_dev_set_try_reset(): on the set's last close, reset the bus for every device
+    of the set that needs it."""
     if vdev.region is not None:
         kfree(vdev.region)
         vdev.region = None
+    vdev.needs_reset = True
     dev_set = vdev.dev_set
     assert dev_set is not None  # register always assigns one
     if vfio_device_set_open_count(dev_set) > 1:
-        return  # another device of the set is open: no bus reset
+        return  # another device of the set is open (the count still has this one)
+    for member in dev_set.device_list:
+        member.needs_reset = False
     vdev.resets += 1
     vdev.pdev.kernel.trace.record(vdev.pdev.kernel.jiffies(), f"vfio{vdev.index}",
                                   "pci bus reset", detail=bus_of(vdev.pdev))
+
+
+@hookimpl
+def check_invariants(kernel: Kernel, driver: Any) -> list[str]:
+    """vfio-pci's promise: once the last device of a set closes, no device of the set is
+    left needing a reset (vfio_pci_dev_set_try_reset)."""
+    broken = []
+    for vdev in list(kernel.devices):
+        if not isinstance(vdev, VfioPciCoreDevice) or vdev.dev_set is None:
+            continue
+        members = vdev.dev_set.device_list
+        if getattr(vdev, "needs_reset", False) and all(m.open_count == 0 for m in members):
+            broken.append(f"vfio-pci: {vdev.pdev.name} still needs a reset after the last "
+                          "device of its set closed: the bus reset never happened")
+    return broken
 
 
 @hookimpl

@@ -89,11 +89,47 @@ def _bound(driver: Driver, kernel: Kernel, name: str = NAME) -> Any:
 
 # -- scenario bodies ------------------------------------------------------------------------
 
+def _step(driver: Driver, kernel: Kernel, after: str) -> None:
+    """The driver's invariants (check_invariants) must hold between any two steps."""
+    broken = driver.invariants(kernel)
+    if broken:
+        more = f" (+{len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise EmulatorError(f"invariant broken after {after}: {broken[0]}{more}")
+
+
 def life_cycle(driver: Driver, kernel: Kernel, name: str = NAME) -> None:
     """Bind, open, close, remove."""
     dev = _bound(driver, kernel, name)
+    _step(driver, kernel, "the bind")
     _open(kernel, name).close()
+    _step(driver, kernel, "the close")
     driver.unbind(kernel, dev)
+    _step(driver, kernel, "the remove")
+
+
+def _vfio_device_of(kernel: Kernel, dev: Any) -> Any:
+    return next((v for v in list(kernel.devices) if v.dev is dev), None)
+
+
+def two_devices_in_one_set(driver: Driver, kernel: Kernel) -> str:
+    """Two devices that share a device set, opened and closed in both orders (n/a when
+    the driver puts each device in a set of its own)."""
+    names = (f"{NAME}-a", f"{NAME}-b")
+    devs = [_bound(driver, kernel, n) for n in names]
+    vdevs = [_vfio_device_of(kernel, d) for d in devs]
+    shared = all(v is not None for v in vdevs) and vdevs[0].dev_set is vdevs[1].dev_set
+    if shared:
+        for first, second in ((0, 1), (1, 0)):
+            fds = [_open(kernel, names[first]), _open(kernel, names[second])]
+            _step(driver, kernel, f"opening {names[first]} then {names[second]}")
+            fds[0].close()
+            _step(driver, kernel, f"closing {names[first]} with {names[second]} still open")
+            fds[1].close()
+            _step(driver, kernel, f"closing {names[second]}, the set's last")
+    for dev in reversed(devs):
+        driver.unbind(kernel, dev)
+        _step(driver, kernel, "a remove")
+    return "" if shared else "its devices do not share a device set"
 
 
 def fd_held_during_remove(driver: Driver, kernel: Kernel) -> None:
@@ -209,6 +245,7 @@ BATTERY: tuple[Scenario, ...] = (
     Scenario("FD given back on request", fd_given_back_on_request),
     Scenario("open during unregister", open_during_unregister),
     Scenario(f"probe/remove x{REPEATS}", repeated),
+    Scenario("two devices in one set", two_devices_in_one_set),
     Scenario("delayed release", life_cycle, {"delayed_release": True}),
     Scenario("module unload while bound", module_unload_while_bound, unloads=True),
     Scenario("module unload while open", module_unload_while_open, unloads=True),
@@ -250,6 +287,8 @@ def _one(driver: Driver, name: str, body: Callable[[Driver, Kernel], Any], mode:
             try:
                 result = body(driver, kernel)
                 not_applicable = result if isinstance(result, str) else ""
+                kernel.flush()
+                _step(driver, kernel, "the scenario")
             except Exception as e:  # a driver's own bug is a verdict, not a crash
                 error = e
             if step and not kernel.fault_fired(step):

@@ -376,8 +376,7 @@ class Kernel:
         self.flush()
         dev_sets = list(self.dev_sets.values())
         set_ids = {id(dev_set) for dev_set in dev_sets}  # listed as sets, below
-        found = [Report("leak", f"unreferenced object {mem.what}",
-                        "memory allocated and never freed",
+        found = [Report("leak", f"unreferenced object {mem.what}", _leak_detail(mem.obj),
                         (("allocated by", str(mem.alloc_stack)),))
                  for key, mem in list(self.allocations.items()) if key not in set_ids]
         found += [Report("leak", f"vfio device index {index} (vfio{index}) was never "
@@ -408,3 +407,9 @@ class Kernel:
 
     def __repr__(self) -> str:
         return f"<Kernel {self.semantics} pid {os.getpid()} arena '{self.arena.name}'>"
+
+
+def _leak_detail(obj: object) -> str:
+    """What a leaked struct says of itself (a vfio_device: who still holds it)."""
+    explain = getattr(obj, "leak_detail", None)
+    return explain() if callable(explain) else "memory allocated and never freed"

@@ -97,6 +97,19 @@ class VfioDevice(Tracked):
             core.state.value if core is not None else "not allocated by kzalloc")
         return f"<{type(self).__name__} {name} {state}>"
 
+    def leak_detail(self) -> str:
+        """Which reference was never dropped, for the leak check."""
+        core = object.__getattribute__(self, "__dict__")["_vfio"]
+        count = core.kref.read()
+        held = [f"get_device() by pid {pid} at:\n{stack}" for pid, stack in core.holders]
+        own = count - len(held)
+        lines = [f"{core.name} ({core.state.value}): object count {count}"]
+        if own > 0:
+            lines.append(f"{own} reference(s) never put: the driver's own from "
+                         "vfio_alloc_device()/vfio_init_device() needs a vfio_put_device()")
+        lines += held
+        return "\n".join(lines)
+
     @property
     def dev(self) -> Device | None:
         return core_of(self, "vdev->dev").dev

@@ -152,6 +152,8 @@ def test_a_remove_without_the_final_put_fails_with_leaks():
     assert not life.passed
     assert {r.kind for r in life.reports} == {"leak"}
     assert any("vfio device index" in r.title for r in life.reports)
+    vdev_leak = next(r for r in life.reports if "VfioDevice" in r.title)
+    assert "the driver's own from vfio_alloc_device()" in vdev_leak.detail  # which reference
 
 
 @pytest.fixture

@@ -32,10 +32,12 @@ from vfio_emu.linux.slab import Tracked, embedded, kfree, kzalloc, module_static
 from vfio_emu.linux.vfio import (
     VfioDevice,
     vfio_alloc_device,
+    vfio_device_set_open_count,
     vfio_put_device,
     vfio_register_emulated_iommu_dev,
     vfio_unregister_group_dev,
 )
+from vfio_emu.plugins import pci as pci_plugin
 from vfio_emu.plugins.hookspecs import hookimpl
 from vfio_emu.plugins.manager import KnownFinding, Plugins
 
@@ -410,3 +412,45 @@ def test_docs_of_the_battery_are_its_scenarios():
 
     assert all(sc.doc for sc in BATTERY)
     assert textwrap.shorten(BATTERY[0].doc, 40)
+
+
+# -- invariants a driver declares, and two devices in one set --------------------------------
+
+class PciCountingTheClosingDevice:
+    """vfio-pci with the last-close test counting the closing device itself (> 0 for > 1):
+    no bus reset ever happens - a reset that does not happen reports nothing by itself, but
+    pci's invariant (check_invariants) says what it promised."""
+
+    init = staticmethod(pci_plugin.init)
+    release = staticmethod(pci_plugin.release)
+    open_device = staticmethod(pci_plugin.open_device)
+    request = staticmethod(pci_plugin.request)
+    match = staticmethod(pci_plugin.match)
+    probe = staticmethod(pci_plugin.probe)
+    remove = staticmethod(pci_plugin.remove)
+    check_invariants = staticmethod(pci_plugin.check_invariants)
+
+    @staticmethod
+    @hookimpl
+    def close_device(vdev: Any) -> None:
+        vdev.needs_reset = True
+        if vfio_device_set_open_count(vdev.dev_set) > 0:  # BUG: counts the closing device
+            return
+        for member in vdev.dev_set.device_list:
+            member.needs_reset = False
+
+
+def test_a_broken_driver_invariant_fails_the_scenario_and_names_the_step():
+    verdicts = checked(PciCountingTheClosingDevice(), **QUICK)
+    life = verdict(verdicts, "life cycle")
+    assert life.status == FAIL
+    assert life.error.startswith("invariant broken after the close: vfio-pci: ")
+    two = verdict(verdicts, "two devices in one set")
+    assert two.status == FAIL and "the bus reset never happened" in two.error
+
+
+def test_the_real_pci_driver_resets_the_set_on_its_last_close_in_both_orders():
+    pci = Plugins(load_entrypoints=False, allow=["pci"]).driver("pci")
+    two = run_scenario(pci, "two devices in one set", isolate=False)
+    assert two.status == OK
+    assert sum("pci bus reset" in line for line in two.timeline) == 2  # one per round
