@@ -10,7 +10,6 @@ the behaviour they pin; "cNN" names the bug class (docs/lifecycle.md lists them)
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import pytest
@@ -67,12 +66,11 @@ def test_c17_ccw_remove_returns_once_the_last_holder_puts(make_kernel):
     ops = CcwOps()
     private = ccw_probe(k, k.device("0.0.0001"), ops)
     get_device(private)
-    t = threading.Timer(0.0, put_device, (private,))
     vfio_unregister_group_dev(private)
     vfio_put_device(private)
-    t.start()  # the holder lets go while remove waits
+    # The holder lets go 5 s (emulated) into remove's wait.
+    k.schedule_delayed(5 * k.HZ, lambda: put_device(private), "the holder puts")
     k.wait_for_completion(private.release_comp, "release_comp")
-    t.join()
     assert ops.calls == ["init", "release"]
     kfree(private)  # css remove
     assert_clean(k)

@@ -100,14 +100,10 @@ def test_request_signals_userspace_which_closes_and_remove_returns(pci, kernel):
 
 
 def test_without_a_request_channel_remove_says_so_once_and_waits(pci, kernel):
-    import threading
-
     dev = bind(pci, kernel, "0000:00:04.0")
     fd = vfio_group_get_device_fd(kernel, "0000:00:04.0")
-    t = threading.Timer(kernel.clock.jiffies_to_ns(kernel.HZ * 35) / 1e9, fd.close)
-    t.start()
+    kernel.schedule_delayed(kernel.HZ * 35, fd.close, "userspace closes 35 s later")
     pci.remove(kernel, dev)
-    t.join()
     infos = [r.title for r in kernel.reports if r.kind == "info"]
     assert infos == ["vfio-pci 0000:00:04.0: No device request channel registered, "
                      "blocked until released by user"]
