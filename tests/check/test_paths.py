@@ -231,8 +231,9 @@ class MdevDriverBase:
 
     @hookimpl
     def driver_exit(self, kernel: Kernel, driver: Any) -> None:
-        h = kernel.module_data.pop("under-test")
-        mdev_unregister_parent(h.parent)
+        h = self.holder(kernel)
+        mdev_unregister_parent(h.parent)  # its mdevs' removes still reach the module state
+        del kernel.module_data["under-test"]
         device_unregister(h.dev)
 
     @hookimpl
@@ -454,3 +455,45 @@ def test_the_real_pci_driver_resets_the_set_on_its_last_close_in_both_orders():
     two = run_scenario(pci, "two devices in one set", isolate=False)
     assert two.status == OK
     assert sum("pci bus reset" in line for line in two.timeline) == 2  # one per round
+
+
+class StaleListEntryAfterAFailedProbe(MdevDriverBase):
+    """An mdev driver that keeps its mdevs on a module list (what its get_available counts)
+    and adds to it before registering - but does not take the entry off when registering
+    fails."""
+
+    @hookimpl
+    def driver_init(self, kernel: Kernel, driver: Any) -> int:
+        ret = super().driver_init(kernel, driver)
+        if ret == 0:
+            h = self.holder(kernel)
+            h.listed = []
+            h.parent.driver.get_available = lambda mtype: self.POOL - len(h.listed)
+        return ret
+
+    @hookimpl
+    def probe(self, kernel: Kernel, driver: Any, dev: Any) -> int:
+        vdev = vfio_alloc_device(VfioDevice, dev, driver.ops)
+        if isinstance(vdev, int):
+            return vdev
+        listed = self.holder(kernel).listed
+        listed.append(vdev)
+        ret = vfio_register_emulated_iommu_dev(vdev)
+        if ret:
+            vfio_put_device(vdev)  # BUG: still on the list
+            return ret
+        dev.drvdata = vdev
+        return 0
+
+    @hookimpl
+    def remove(self, kernel: Kernel, driver: Any, dev: Any) -> None:
+        self.holder(kernel).listed.remove(dev.drvdata)
+        super().remove(kernel, driver, dev)
+
+
+def test_a_stale_list_entry_after_a_failed_probe_is_caught_by_the_instances_check():
+    verdicts = checked(StaleListEntryAfterAFailedProbe(), **QUICK)
+    assert failed(verdicts) == ["bind: register fails"]
+    v = verdict(verdicts, "bind: register fails")
+    assert any("3 available once every device is gone, 4 before" in line
+               for line in v.findings)
