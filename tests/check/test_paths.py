@@ -16,6 +16,8 @@ import pytest
 from _drivers import Buf, GenericBusDriver, free_if_v61
 
 from vfio_emu.check import FAIL, KNOWN, NOT_APPLICABLE, OK, Mode, check_driver, run_scenario
+from vfio_emu.check.scenarios import probe as generic_probe
+from vfio_emu.check.scenarios import remove as generic_remove
 from vfio_emu.cli import main
 from vfio_emu.linux.device import StructDevice, device_register, device_unregister, put_device
 from vfio_emu.linux.errno import ENOMEM, ENOSPC
@@ -35,7 +37,6 @@ from vfio_emu.linux.vfio import (
     vfio_device_set_open_count,
     vfio_put_device,
     vfio_register_emulated_iommu_dev,
-    vfio_unregister_group_dev,
 )
 from vfio_emu.plugins import pci as pci_plugin
 from vfio_emu.plugins.hookspecs import hookimpl
@@ -256,20 +257,16 @@ class MdevDriverBase:
 
     @hookimpl
     def probe(self, kernel: Kernel, driver: Any, dev: Any) -> int:
-        vdev = vfio_alloc_device(VfioDevice, dev, driver.ops)
+        vdev = generic_probe(kernel, driver.ops, dev, VfioDevice,
+                             register=vfio_register_emulated_iommu_dev)
         if isinstance(vdev, int):
             return vdev
-        ret = vfio_register_emulated_iommu_dev(vdev)
-        if ret:
-            vfio_put_device(vdev)
-            return ret
         dev.drvdata = vdev
         return 0
 
     @hookimpl
     def remove(self, kernel: Kernel, driver: Any, dev: Any) -> None:
-        vfio_unregister_group_dev(dev.drvdata)
-        vfio_put_device(dev.drvdata)
+        generic_remove(dev.drvdata)
 
     @hookimpl
     def check_bind(self, kernel: Kernel, driver: Any, name: str) -> Any:
