@@ -9,6 +9,9 @@ from _workers import FAST_CLOCK
 
 from vfio_emu import Arena
 
+#: pytester: the pytest plugin's tests run pytest on small test files of their own.
+pytest_plugins = ["pytester"]
+
 
 @pytest.fixture
 def arena() -> Iterator[Arena]:
