@@ -153,3 +153,14 @@ def test_the_plugin_can_be_turned_off(isolated):
     isolated.makepyfile(CLEAN)
     result = isolated.runpytest_subprocess("-p", "no:vfio_emu")
     result.stdout.fnmatch_lines(["*fixture 'vfio_kernel' not found*"])
+
+
+def test_every_outcome_reaches_the_controller_under_xdist(isolated):
+    isolated.makepyfile(test_clean=CLEAN, test_warns=WARNS, test_leaks=LEAKS,
+                        test_expects=EXPECTS, test_hangs=HANGS)
+    result = isolated.runpytest_subprocess("-n", "2")
+    outcomes = result.parseoutcomes()
+    # clean + the expected leak pass; the swallowed UAF, the unmet expectation and the hang
+    # fail; the leak alone is LEAKED.
+    assert (outcomes.get("passed"), outcomes.get("failed"), outcomes.get("leaked")) == (2, 3, 1)
+    result.stdout.fnmatch_lines(["*vfio-emu findings*"])
