@@ -13,6 +13,7 @@ off.  A test suite that uses none of its fixtures pays for nothing but loading i
   (or the `vfio_driver` ini option), loaded into that kernel.
 - `@pytest.mark.vfio_expect(kind, match=...)`: the test must produce that
   finding (strict); it then does not fail on it.
+- A test stopped by pytest-timeout gets a section saying who holds which device.
 - `--vfio-check NAME` (or the `vfio_check` ini option): one test item per driver,
   mode and scenario of `vfio-emu check`, with ids such as
   `vfio-check::acme[v6.2-delayed]::FD held during remove`.
@@ -29,7 +30,9 @@ import pytest
 from vfio_emu.check import ALL_MODES, FAIL, KNOWN, NOT_APPLICABLE, Mode, Verdict
 from vfio_emu.check import run_scenario as _run_scenario
 from vfio_emu.check import scenario_names as _scenario_names
+from vfio_emu.check.verdict import driver_frame
 from vfio_emu.linux.kernel import Kernel
+from vfio_emu.linux.vfio import holders_report
 from vfio_emu.plugins.manager import Driver, Plugins
 from vfio_emu.report import Report
 
@@ -155,7 +158,8 @@ def vfio_driver(request: pytest.FixtureRequest, vfio_kernel: Kernel,
     """The driver named by the vfio_driver marker (or ini option), loaded into vfio_kernel;
     it is unloaded when the test returns."""
     marker = request.node.get_closest_marker("vfio_driver")
-    name = marker.args[0] if marker else request.config.getini("vfio_driver")
+    name = (getattr(request, "param", None)  # @pytest.mark.parametrize(..., indirect=True)
+            or (marker.args[0] if marker else request.config.getini("vfio_driver")))
     if not name:
         raise pytest.UsageError("vfio_driver: name the driver with @pytest.mark.vfio_driver"
                                 "('name') or the vfio_driver ini option")
@@ -181,6 +185,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
     context = item.stash.get(_CONTEXT, None)
     if context is None or call.when != "call":
         return report
+    if report.failed and "Timeout" in str(report.longrepr):  # pytest-timeout fired
+        report.sections.append(("vfio-emu: who holds what at the timeout",
+                                holders_report(context.kernel)))
     findings = context.finish()
     expected = _expected(item)
     unmet = [(kind, match) for kind, match in expected
@@ -188,7 +195,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
     findings = [r for r in findings
                 if not any(r.kind == kind and match in r.title for kind, match in expected)]
     if findings:
-        report.sections.append(("vfio-emu", "\n".join(str(r) for r in findings)))
+        where = (driver_frame([st for r in findings for _, st in r.stacks],
+                              context.driver.source_files) if context.driver else "")
+        report.sections.append(("vfio-emu", (f"first driver frame: {where}\n" if where else "")
+                                + "\n".join(str(r) for r in findings)))
         report.user_properties.append(("vfio_emu_findings", [r.title for r in findings]))
     if report.passed and unmet:
         report.outcome = "failed"

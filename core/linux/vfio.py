@@ -362,6 +362,22 @@ def holders_of(vdev: VfioDevice) -> list[str]:
     return [f"  get_device() by pid {pid}:\n{stack}" for pid, stack in core.holders]
 
 
+def holders_report(kernel: Kernel) -> str:
+    """Who holds what now: every registered device with its counts, its open FDs and who
+    opened them, its get_device() callers - what a task stuck on a device waits for."""
+    lines = []
+    with kernel.device_lock:
+        devices = list(kernel.devices)
+    for vdev in devices:
+        core = object.__getattribute__(vdev, "__dict__")["_vfio"]
+        lines.append(f"{core.name} ({core.state.value}): object count {core.kref.read()}, "
+                     f"registration count {core.refcount.read()}, open {core.open_count}")
+        for f in [f for f in list(kernel.files) if f.vdev is vdev]:
+            lines.append(f"  {f} opened by pid {f.pid} at:\n{f.open_stack}")
+        lines += [f"  get_device() by pid {pid} at:\n{stack}" for pid, stack in core.holders]
+    return "\n".join(lines) or "no registered device"
+
+
 def put_device(vdev: VfioDevice) -> None:
     """put_device(&vdev->device): balances a get_device() (the driver's own reference
     goes with vfio_put_device(); the kernel does not tell the two apart, hang reports do)."""
@@ -732,6 +748,7 @@ __all__ = [
     "core_of",
     "get_device",
     "holders_of",
+    "holders_report",
     "memset_vfio_device",
     "put_device",
     "vfio_alloc_device",

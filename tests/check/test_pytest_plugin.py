@@ -164,3 +164,40 @@ def test_every_outcome_reaches_the_controller_under_xdist(isolated):
     # fail; the leak alone is LEAKED.
     assert (outcomes.get("passed"), outcomes.get("failed"), outcomes.get("leaked")) == (2, 3, 1)
     result.stdout.fnmatch_lines(["*vfio-emu findings*"])
+
+
+STUCK = """
+    import threading
+    from vfio_emu.check.scenarios import PCI_NAME, PciOps, probe, remove
+    from vfio_emu.linux.vfio import vfio_group_get_device_fd
+
+    def test_stuck_outside_the_emulated_kernel(vfio_kernel):
+        vdev = probe(vfio_kernel, PciOps(vfio_kernel))
+        fd = vfio_group_get_device_fd(vfio_kernel, PCI_NAME)
+        threading.Event().wait(60)  # BUG: waits on what the kernel cannot see
+        fd.close()
+        remove(vdev)
+"""
+
+
+def test_a_pytest_timeout_shows_who_holds_which_device(isolated):
+    isolated.makepyfile(STUCK)
+    result = isolated.runpytest_subprocess("--timeout", "2", "--timeout-method", "signal")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*vfio-emu: who holds what at the timeout*",
+                                 "vfio0 (registered): object count 1, registration count 2, open 1",
+                                 "*opened by pid*"])
+
+
+INDIRECT = """
+    import pytest
+
+    @pytest.mark.parametrize("vfio_driver", ["mtty", "ap"], indirect=True)
+    def test_each_driver_loads(vfio_kernel, vfio_driver):
+        assert vfio_driver.name in ("mtty", "ap")
+"""
+
+
+def test_the_driver_fixture_takes_an_indirect_parameter(isolated):
+    isolated.makepyfile(INDIRECT)
+    isolated.runpytest_subprocess().assert_outcomes(passed=2)
