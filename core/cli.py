@@ -11,7 +11,7 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from vfio_emu import __version__
+from vfio_emu import __version__, bench
 from vfio_emu.check import (
     ALL_MODES,
     FAIL,
@@ -306,6 +306,36 @@ def cmd_arenas(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    figures = bench.run(quick=args.quick)
+    print(bench.table(figures))
+    data = bench.to_json(figures)
+    if args.json:
+        bench.write_json(figures, args.json)
+        print(f"\nwritten: {args.json}")
+    if args.svg:
+        try:
+            bench.svg(figures, args.svg)
+        except ImportError:
+            print("vfio-emu bench: --svg needs pygal (pip install 'vfio-emu[bench]')",
+                  file=sys.stderr)
+            return 2
+        print(f"written: {args.svg}")
+    if args.compare:
+        try:
+            with open(args.compare) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"vfio-emu bench: --compare {args.compare}: {e}", file=sys.stderr)
+            return 2
+        lines, worse = bench.compare(data, saved, args.fail_above)
+        print(f"\nagainst {args.compare} (ratios to the no-op; slower = more than "
+              f"{args.fail_above:g}% and p < 0.01):")
+        print("\n".join(lines))
+        return 1 if worse else 0
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfio-emu", description="Emulate the Linux VFIO device life cycle in userspace.")
@@ -346,6 +376,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unlink the segments whose creator is dead")
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.set_defaults(func=cmd_arenas)
+    b = sub.add_parser(
+        "bench", help="time the primitives, put -> release and scaling, as ratios to a no-op",
+        description="Measure get/put, pairs, batches and completions beside the peers a user "
+                    "would pick (a threading.Lock counter, multiprocessing.Value, atomics on "
+                    "shared memory when installed), the last put running a release, the "
+                    "device-model cycle with 0, 1 and 10 plugins, and scaling with live "
+                    "objects and processes - every figure as a ratio to a cffi no-op call "
+                    "measured in the same run.")
+    b.add_argument("--quick", action="store_true", help="fewer rounds and sizes (a smoke test)")
+    b.add_argument("--json", metavar="FILE", help="write the run (pytest-benchmark layout)")
+    b.add_argument("--svg", metavar="FILE", help="draw the ratios as a chart (needs pygal)")
+    b.add_argument("--compare", metavar="BASELINE.json",
+                   help="compare with a saved --json run; exit 1 if a figure got slower")
+    b.add_argument("--fail-above", type=float, default=10.0, metavar="PCT",
+                   help="how much slower (in %%, and significant) fails --compare (10)")
+    b.set_defaults(func=cmd_bench)
     c = sub.add_parser(
         "check", help="run every installed driver through the life-cycle checks",
         description="Load the driver plugins and take each through the battery: life cycle, "

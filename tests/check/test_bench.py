@@ -1,0 +1,82 @@
+"""vfio_emu.bench: what `vfio-emu bench` measures and writes, and its regression gate.
+No timing is asserted: only that figures exist, have the layout pytest-benchmark reads, and
+that the comparison flags a run that is significantly slower."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from vfio_emu import bench
+from vfio_emu.cli import main
+
+
+@pytest.fixture(scope="module")
+def figures() -> list[bench.Figure]:
+    return bench.primitives(per=20, rounds=3) + bench.release_paths(per=20, rounds=3)
+
+
+def test_every_figure_is_measured_or_says_why_not(figures):
+    for f in figures:
+        assert f.samples or f.note, f.key
+        assert all(x > 0 for x in f.samples)
+    keys = {f.key for f in figures}
+    assert {"noop", "noop_last", "kref_pair", "lock_pair", "mp_value_pair", "kref_last_put",
+            "cycle_pci", "cycle_ccw", "cycle_pci_10_observers"} <= keys
+
+
+def test_the_json_has_pytest_benchmarks_layout_with_ratios(figures):
+    data = bench.to_json(figures)
+    assert {"machine_info", "datetime", "version", "benchmarks"} <= set(data)
+    kref = next(b for b in data["benchmarks"] if b["name"] == "kref_pair")
+    assert set(kref["stats"]) >= {"min", "max", "mean", "median", "stddev", "rounds", "data"}
+    assert kref["extra_info"]["ratio_to_noop"] > 0
+    assert json.loads(json.dumps(data)) == data
+
+
+def test_a_run_compared_with_itself_is_not_slower(figures):
+    data = bench.to_json(figures)
+    lines, worse = bench.compare(data, data, fail_above=10)
+    assert lines and not worse
+
+
+def test_a_significantly_slower_run_fails_the_gate(figures):
+    data = bench.to_json(figures)
+    slower = json.loads(json.dumps(data))
+    for b in slower["benchmarks"]:
+        if b["stats"] and b["name"] == "kref_pair":
+            b["stats"]["data"] = [x * 3 for x in b["stats"]["data"]] * 5
+            b["stats"]["median"] *= 3
+            b["extra_info"]["ratio_to_noop"] *= 3
+    saved = json.loads(json.dumps(data))
+    for b in saved["benchmarks"]:
+        if b["stats"] and b["name"] == "kref_pair":
+            b["stats"]["data"] = b["stats"]["data"] * 5
+    lines, worse = bench.compare(slower, saved, fail_above=10)
+    assert worse and any(line.startswith("kref_pair") and "SLOWER" in line for line in lines)
+
+
+def test_mann_whitney_separates_two_distinct_samples_and_not_two_equal_ones():
+    a, b = [1.0 + i / 100 for i in range(15)], [2.0 + i / 100 for i in range(15)]
+    assert bench.mann_whitney_p(a, b) < 0.001
+    assert bench.mann_whitney_p(a, list(a)) == pytest.approx(1.0)
+    assert math.isclose(bench.mann_whitney_p([], b), 1.0)
+
+
+def test_measure_and_baseline_are_a_users_api():
+    samples = bench.measure(lambda: None, per=10, rounds=3)
+    assert len(samples) == 3 and all(x > 0 for x in samples)
+    assert len(bench.baseline(per=10, rounds=2)) == 2
+
+
+def test_the_cli_writes_json_and_a_chart_and_compares(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run", lambda quick=False: bench.primitives(per=10, rounds=2))
+    out_json, out_svg = tmp_path / "run.json", tmp_path / "run.svg"
+    assert main(["bench", "--quick", "--json", str(out_json), "--svg", str(out_svg)]) == 0
+    assert json.loads(out_json.read_text())["benchmarks"]
+    assert out_svg.read_text().lstrip().startswith("<?xml")
+    assert main(["bench", "--quick", "--compare", str(out_json), "--fail-above", "1000"]) == 0
+    assert "against" in capsys.readouterr().out
+    assert main(["bench", "--compare", str(tmp_path / "missing.json")]) == 2
