@@ -1,7 +1,7 @@
 # Every target sets itself up: a fresh clone needs only python3 (>= 3.10), a C compiler and make.
 #   make run    the main job: every driver through the life-cycle checks, then lkdtm refcount
 #   make test   the test suite (benchmarks run once each, untimed, as correctness checks)
-#   make bench  the benchmarks, timed, with the ratio table
+#   make bench  vfio-emu bench (build/bench.json, build/bench.svg), then the pytest-benchmark suite
 #   make lint   ruff and mypy
 PYTHON ?= python3
 VENV ?= .venv
@@ -26,6 +26,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
+	@mkdir -p build
+	$(BIN)/vfio-emu bench --json build/bench.json --svg build/bench.svg $(VFIO_BENCH_OPTS)
 	$(BIN)/python -m pytest benchmarks --benchmark-enable $(BENCH_OPTS)
 
 # The suite against a build of the C core under AddressSanitizer and UBSan (its own venv,

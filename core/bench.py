@@ -175,6 +175,19 @@ def _optional_peers(per: int, rounds: int) -> list[Figure]:
     """Peers that may not be installed: each is measured, or listed with why it is not."""
     out = []
     try:
+        import atomicx
+
+        ai = atomicx.AtomicInt()
+
+        def ax_pair() -> None:
+            ai.inc()
+            ai.dec()
+        out.append(Figure("atomicx_pair", "atomicx.AtomicInt inc + dec (process-local)",
+                          "peers", "pair", measure(ax_pair, per=per, rounds=rounds)))
+    except ImportError:
+        out.append(Figure("atomicx_pair", "atomicx.AtomicInt", "peers", "pair",
+                          note="not installed (pip install atomicx)"))
+    try:
         from multiprocessing import shared_memory
 
         import atomics
@@ -361,6 +374,24 @@ def table(figures: Sequence[Figure]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}"
                      for r in rows)
+
+
+def targets(figures: Sequence[Figure]) -> str:
+    """The project's stated targets, as ratios of figures of this run."""
+    med = {f.key: f.median for f in figures if f.samples}
+    lines = []
+    for peer, label, goal in (("atomicx_pair", "the process-local atomicx pair", 1.0),
+                              ("mp_value_pair", "the multiprocessing.Value pair", 0.1)):
+        if "kref_pair" in med and peer in med:
+            r = med["kref_pair"] / med[peer]
+            verdict = "met" if r <= goal else "not met"
+            lines.append(f"Kref pair / {label}: {r:.2f} (target <= {goal:g}: {verdict})")
+    live = [f.median for f in figures if f.key.startswith("live_") and f.samples]
+    if len(live) > 1:
+        r = max(live) / min(live)
+        lines.append(f"Kref pair across live-object counts, slowest / fastest: {r:.2f} "
+                     f"(target <= 1.3: {'met' if r <= 1.3 else 'not met'})")
+    return "\n".join(lines)
 
 
 def to_json(figures: Sequence[Figure]) -> dict[str, Any]:

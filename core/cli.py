@@ -309,6 +309,10 @@ def cmd_arenas(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     figures = bench.run(quick=args.quick)
     print(bench.table(figures))
+    summary = bench.targets(figures)
+    if summary:
+        print()
+        print(summary)
     data = bench.to_json(figures)
     if args.json:
         bench.write_json(figures, args.json)

@@ -14,6 +14,8 @@ off.  A test suite that uses none of its fixtures pays for nothing but loading i
 - `@pytest.mark.vfio_expect(kind, match=...)`: the test must produce that
   finding (strict); it then does not fail on it.
 - A test stopped by pytest-timeout gets a section saying who holds which device.
+- `vfio_noop_ns`: the cffi no-op's median ns per call, measured once a session, to turn
+  a pytest-benchmark figure into a ratio that survives a noisy machine.
 - `--vfio-check NAME` (or the `vfio_check` ini option): one test item per driver,
   mode and scenario of `vfio-emu check`, with ids such as
   `vfio-check::acme[v6.2-delayed]::FD held during remove`.
@@ -21,12 +23,14 @@ off.  A test suite that uses none of its fixtures pays for nothing but loading i
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
+from vfio_emu import bench
 from vfio_emu.check import ALL_MODES, FAIL, KNOWN, NOT_APPLICABLE, Mode, Verdict
 from vfio_emu.check import run_scenario as _run_scenario
 from vfio_emu.check import scenario_names as _scenario_names
@@ -131,6 +135,12 @@ def vfio_mode(request: pytest.FixtureRequest) -> Mode:
     base = param if isinstance(param, Mode) else _modes(request.config)[0]
     return Mode(semantics.args[0] if semantics else base.semantics,
                 True if delayed else base.delayed_release)
+
+
+@pytest.fixture(scope="session")
+def vfio_noop_ns() -> float:
+    """Median ns of one cffi no-op call (vfio_emu.bench.baseline): divide by it."""
+    return statistics.median(bench.baseline())
 
 
 @pytest.fixture

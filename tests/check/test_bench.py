@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,29 @@ def test_the_cli_writes_json_and_a_chart_and_compares(tmp_path, capsys, monkeypa
     assert main(["bench", "--quick", "--compare", str(out_json), "--fail-above", "1000"]) == 0
     assert "against" in capsys.readouterr().out
     assert main(["bench", "--compare", str(tmp_path / "missing.json")]) == 2
+
+
+def test_targets_are_ratios_of_figures_of_the_same_run():
+    def fig(key: str, ns: float) -> bench.Figure:
+        return bench.Figure(key, key, "g", "pair", [ns, ns, ns])
+
+    met = bench.targets([fig("kref_pair", 90), fig("atomicx_pair", 100),
+                         fig("mp_value_pair", 1000), fig("live_1", 90), fig("live_1000", 99)])
+    assert "atomicx pair: 0.90 (target <= 1: met)" in met
+    assert "multiprocessing.Value pair: 0.09 (target <= 0.1: met)" in met
+    assert "slowest / fastest: 1.10 (target <= 1.3: met)" in met
+    missed = bench.targets([fig("kref_pair", 130), fig("atomicx_pair", 100),
+                            fig("live_1", 90), fig("live_1000", 200)])
+    assert "1.30 (target <= 1: not met)" in missed
+    assert "multiprocessing.Value" not in missed  # a peer not measured gives no line
+    assert "2.22 (target <= 1.3: not met)" in missed
+
+
+def test_the_driver_benchmark_in_docs_bench_md_runs_and_records_its_ratio(pytester):
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "bench.md").read_text()
+    example = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    pytester.makepyfile(test_example=example)
+    result = pytester.runpytest("-p", "vfio_emu", "-q", "--benchmark-json=out.json")
+    result.assert_outcomes(passed=1)
+    bench_json = json.loads((pytester.path / "out.json").read_text())
+    assert bench_json["benchmarks"][0]["extra_info"]["ratio_to_noop"] > 0

@@ -201,3 +201,16 @@ INDIRECT = """
 def test_the_driver_fixture_takes_an_indirect_parameter(isolated):
     isolated.makepyfile(INDIRECT)
     isolated.runpytest_subprocess().assert_outcomes(passed=2)
+
+
+def test_vfio_noop_ns_turns_a_pytest_benchmark_figure_into_a_ratio(pytester):
+    pytester.makepyfile("""
+        def test_ratio(benchmark, vfio_noop_ns):
+            benchmark(lambda: None)
+            assert vfio_noop_ns > 0
+            if benchmark.stats is not None:
+                ratio = benchmark.stats.stats.median * 1e9 / vfio_noop_ns
+                benchmark.extra_info["ratio_to_noop"] = ratio
+                assert ratio > 0
+    """)
+    pytester.runpytest("-p", "vfio_emu", "-q").assert_outcomes(passed=1)
