@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
@@ -307,6 +308,11 @@ def cmd_arenas(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.svg and importlib.util.find_spec("pygal") is None:
+        # Said before the run, not after it: a missing library must not cost a measurement.
+        print("vfio-emu bench: --svg needs pygal (pip install 'vfio-emu[bench]')",
+              file=sys.stderr)
+        return 2
     figures = bench.run(quick=args.quick)
     print(bench.table(figures))
     summary = bench.targets(figures)
@@ -318,12 +324,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench.write_json(figures, args.json)
         print(f"\nwritten: {args.json}")
     if args.svg:
-        try:
-            bench.svg(figures, args.svg)
-        except ImportError:
-            print("vfio-emu bench: --svg needs pygal (pip install 'vfio-emu[bench]')",
-                  file=sys.stderr)
-            return 2
+        bench.svg(figures, args.svg)
         print(f"written: {args.svg}")
     if args.compare:
         try:

@@ -107,3 +107,14 @@ def test_the_driver_benchmark_in_docs_bench_md_runs_and_records_its_ratio(pytest
     result.assert_outcomes(passed=1)
     bench_json = json.loads((pytester.path / "out.json").read_text())
     assert bench_json["benchmarks"][0]["extra_info"]["ratio_to_noop"] > 0
+
+
+def test_svg_without_pygal_is_refused_before_anything_is_measured(tmp_path, capsys,
+                                                                  monkeypatch):
+    ran = []
+    monkeypatch.setattr(bench, "run", lambda quick=False: ran.append(quick) or [])
+    monkeypatch.setattr("importlib.util.find_spec",
+                        lambda name, *a: None if name == "pygal" else object())
+    assert main(["bench", "--svg", str(tmp_path / "run.svg")]) == 2
+    assert "needs pygal" in capsys.readouterr().err
+    assert ran == [] and not (tmp_path / "run.svg").exists()
