@@ -16,6 +16,7 @@ verdict and timeline follow from the program and the seed.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -23,6 +24,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import pluggy
+
+from vfio_emu import linux as linux_pkg
+from vfio_emu import shm as shm_pkg
 from vfio_emu.check.isolate import BUDGET_S, ChildFailure, run_isolated
 from vfio_emu.check.verdict import FAIL, KNOWN, NOT_APPLICABLE, OK, Mode, Verdict, driver_frame
 from vfio_emu.errors import EmulatorError, ReportedError
@@ -343,13 +348,22 @@ def _judge(driver: Driver, verdict: Verdict, error: BaseException | None,
     return verdict
 
 
+#: The emulated kernel's and pluggy's own files: a frame there is never the driver's mistake.
+_EMULATOR_DIRS = tuple(os.path.dirname(m.__file__ or "") + os.sep
+                       for m in (linux_pkg, shm_pkg, pluggy))
+
+
 def _describe(e: BaseException) -> str:
     """An exception as one line, with where it was raised (the checker's own verdicts
     - "binding failed", "no request op" - are their message alone)."""
-    message = (str(e).splitlines() or [""])[0]
-    where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
-    if isinstance(e, EmulatorError) and where is not None and where.filename == __file__:
+    message = e.report.title if isinstance(e, ReportedError) else \
+        (str(e).splitlines() or [""])[0]
+    frames = traceback.extract_tb(e.__traceback__) if e.__traceback__ else []
+    if isinstance(e, EmulatorError) and frames and frames[-1].filename == __file__:
         return message
+    # Where the driver made the mistake, not the emulator line that noticed it.
+    outside = [f for f in frames if not f.filename.startswith(_EMULATOR_DIRS)]
+    where = (outside or frames)[-1] if frames else None
     at = f" at {where.filename.rsplit('/', 1)[-1]}:{where.lineno}" if where else ""
     return f"{type(e).__name__}{at}: {message}"
 

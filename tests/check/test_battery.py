@@ -277,3 +277,23 @@ def test_ccw_v62_parent_unwind_with_kfree_leaks_the_kobject_name():
     assert all(v.where.startswith("test_battery.py:") for v in failed)  # the kfree line
     assert failed and all("(device_add CcwParent)" in v.scenario for v in failed)
     assert any("kobject name 'parent'" in r.title for v in failed for r in v.reports)
+
+
+def test_a_driver_error_is_described_at_the_drivers_line_and_a_report_by_its_title():
+    from vfio_emu.check.battery import _describe
+    from vfio_emu.errors import KasanUseAfterFree
+    from vfio_emu.linux.kernel import Kernel
+    from vfio_emu.linux.slab import kzalloc
+    from vfio_emu.report import Report
+
+    with Kernel() as kernel:
+        buf = kzalloc(kernel, Buf)
+        try:
+            buf.unregsiter()  # the emulated object's own __getattr__ raises this
+        except AttributeError as e:
+            described = _describe(e)
+    assert described.startswith("AttributeError at test_battery.py:")
+    assert "slab.py" not in described
+    report = Report("use-after-free", "BUG: KASAN: use-after-free in vfio_put_device")
+    assert _describe(KasanUseAfterFree(report)) == \
+        "KasanUseAfterFree: BUG: KASAN: use-after-free in vfio_put_device"
