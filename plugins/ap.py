@@ -9,7 +9,6 @@ guests_lock then mdevs_lock to take the mdev off the matrix list, then puts.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from vfio_emu.linux.device import StructDevice, device_register, device_unregister, put_device
@@ -24,6 +23,7 @@ from vfio_emu.linux.mdev import (
     mdev_register_parent,
     mdev_unregister_parent,
 )
+from vfio_emu.linux.mutex import Mutex
 from vfio_emu.linux.slab import embedded, kfree, kzalloc
 from vfio_emu.linux.vfio import (
     VfioDevice,
@@ -68,8 +68,8 @@ def driver_init(kernel: Kernel, driver: Any) -> int:
     if ret:
         put_device(matrix)  # never kfree once registered (ce3895735cc2)
         return ret
-    matrix.mdevs_lock = threading.Lock()
-    matrix.guests_lock = threading.Lock()
+    matrix.mdevs_lock = Mutex(kernel, "matrix_dev->mdevs_lock")  # mutex_init()
+    matrix.guests_lock = Mutex(kernel, "matrix_dev->guests_lock")
     matrix.mdev_list = []
     matrix.mdev_parent = embedded(matrix, MdevParent)
     matrix.mdev_type = embedded(matrix, MdevType)

@@ -14,13 +14,13 @@ request, match - and read/write/mmap/ioctl, which the life cycle does not reach.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from vfio_emu.linux.device import Device
 from vfio_emu.linux.errno import EINVAL, ENOMEM
 from vfio_emu.linux.kernel import Kernel
+from vfio_emu.linux.mutex import Mutex
 from vfio_emu.linux.slab import Tracked, kfree, kzalloc
 from vfio_emu.linux.vfio import (
     VfioDevice,
@@ -67,8 +67,8 @@ def init(vdev: VfioPciCoreDevice) -> int:
     """vfio_pci_core_init_dev: allocates nothing."""
     vdev.pdev = vdev.dev
     vdev.irq_type = "none"
-    vdev.igate = threading.Lock()
-    vdev.ioeventfds_lock = threading.Lock()
+    vdev.igate = Mutex(vdev.dev.kernel, "vdev->igate")  # mutex_init()
+    vdev.ioeventfds_lock = Mutex(vdev.dev.kernel, "vdev->ioeventfds_lock")
     vdev.ioeventfds_list = []
     vdev.region = None
     vdev.pm_save = None

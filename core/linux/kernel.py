@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from vfio_emu.errors import HangError, InvalidArgumentError, KernelOops, ReportedError
 from vfio_emu.linux.device import Device
 from vfio_emu.linux.errno import ENOMEM
+from vfio_emu.linux.mutex import Mutex
+from vfio_emu.linux.sched import Scheduler
 from vfio_emu.linux.trace import Trace
 from vfio_emu.report import Report
 from vfio_emu.shm.arena import Arena
@@ -88,9 +90,12 @@ class Kernel:
         self.devices: list[VfioDevice] = []  # the group device list: findable by name
         self.mdevs: list[Any] = []  # mdev_list: every mdev device of every parent
         self.mdev_parents: list[Any] = []  # every registered mdev parent
-        self.mdev_list_lock = threading.RLock()
-        self.xa_lock = threading.Lock()  # the device-set xarray's lock
-        self.device_lock = threading.RLock()  # group->device_lock: the group device list
+        #: The scheduler whose tasks run on this kernel now (explore), or None: then the
+        #: callers' own threads run freely and waits are bounded by real time.
+        self.sched: Scheduler | None = None
+        self.mdev_list_lock = Mutex(self, "mdev_list_lock", recursive=True)
+        self.xa_lock = Mutex(self, "vfio_device_set_xa lock")  # the device-set xarray's
+        self.device_lock = Mutex(self, "group->device_lock", recursive=True)  # group list
         self._parents: dict[str, Device] = {}
         self.module_data: dict[str, Any] = {}  # a driver module's globals, per kernel
         self.kvm: Any = None  # the group's KVM (VFIO_GROUP_SET_KVM), given at first open
@@ -203,6 +208,17 @@ class Kernel:
         with self._lock:
             return self._work_now
 
+    def set_jiffies(self, now: int) -> None:
+        """Let emulated time reach `now` (the scheduler's: when no task can run)."""
+        with self._lock:
+            self._work_now = max(self._work_now, now)
+
+    def preempt(self, op: str) -> None:
+        """A switch point of the scheduler running on this kernel, if one is."""
+        sched = self.sched
+        if sched is not None:
+            sched.preempt(op)
+
     # -- reports ------------------------------------------------------------
 
     def report(self, kind: str, title: str, detail: str = "",
@@ -251,7 +267,14 @@ class Kernel:
         queued), on the worker thread.  So whether a delayed release or a close comes
         before or after the caller's next step follows from the program and the seed,
         never from how loaded the machine is.  Errors become reports.
+
+        Under a scheduler, the item is a task of its own, runnable at once: the policy
+        decides where it falls among the other tasks' steps.
         """
+        sched = self.sched
+        if sched is not None:
+            sched.spawn(lambda: self._run_item(fn, what), f"kworker: {what}", work=True)
+            return
         with self._lock:
             heapq.heappush(self._work, (self._work_now + jiffies, next(self._work_seq),
                                         fn, what))
@@ -260,7 +283,7 @@ class Kernel:
         """Let the worker run everything queued, without waiting for it (a wait that does
         not know how long it sleeps - a lock - lets queued work go on meanwhile)."""
         with self._lock:
-            if self._worker is not None or not self._work:
+            if self.sched is not None or self._worker is not None or not self._work:
                 return
             self._worker = threading.Thread(target=self._drain, name="kworker", daemon=True)
             worker = self._worker
@@ -274,6 +297,10 @@ class Kernel:
         exactly between two steps."""
         if type(jiffies) is not int or jiffies < 0:
             raise InvalidArgumentError(f"jiffies={jiffies!r} must be a non-negative int")
+        sched = self.sched
+        if sched is not None:  # a sleep: the other tasks run meanwhile
+            sched.block(lambda: False, f"schedule_timeout({jiffies})", timeout=jiffies)
+            return
         if threading.current_thread() is self._worker:
             # A work item that waits: what falls due meanwhile runs here, in its thread.
             with self._lock:
@@ -309,15 +336,23 @@ class Kernel:
                     return
                 due, _, fn, what = heapq.heappop(self._work)
                 self._work_now = max(self._work_now, due)
-            try:
-                fn()
-            except BaseException as e:  # a release that crashed: never lose it
-                if not isinstance(e, ReportedError):  # not already reported
-                    self.report("oops", f"BUG: {what} raised {type(e).__name__}: {e}")
+            self._run_item(fn, what)
+
+    def _run_item(self, fn: Callable[[], None], what: str) -> None:
+        try:
+            fn()
+        except BaseException as e:  # a release that crashed: never lose it
+            if not isinstance(e, ReportedError):  # not already reported
+                self.report("oops", f"BUG: {what} raised {type(e).__name__}: {e}")
 
     def flush(self, timeout_s: float = 60.0) -> None:
         """flush_scheduled_work(): run and wait for every queued work item, including those
         that work items queue themselves."""
+        sched = self.sched
+        if sched is not None:
+            if sched.current is not None:  # a task: the work items are tasks; wait for them
+                sched.block(lambda: not sched.pending_work(), "flush_scheduled_work()")
+            return
         while True:
             self.run_delayed_work()
             with self._lock:
@@ -352,8 +387,7 @@ class Kernel:
             raise InvalidArgumentError(f"wait_for_completion: {comp!r} is not a Completion")
         waited = 0
         while not comp.try_wait_for_completion():
-            self.advance(self.HZ * 10)  # 10 s asleep: what falls due meanwhile happens
-            if comp.wait_for_completion_timeout(self.HZ * 10):
+            if self.wait_completion_timeout(comp, self.HZ * 10, f"wait_for_completion({what})"):
                 return
             waited += 10
             if waited >= self.watchdog_s:
@@ -364,6 +398,22 @@ class Kernel:
                     + ("\n".join(who) or "  none known"),
                     (*(stacks() if stacks is not None else ()),
                      ("waiting in", caller_stack()))))
+
+    def wait_completion_timeout(self, comp: Completion, jiffies: int, what: str,
+                                interruptible: bool = False) -> int:
+        """Sleep up to `jiffies` on comp: 0 on timeout, else >= 1 (a count was taken),
+        or -ERESTARTSYS for an interruptible wait a signal ended.  What falls due meanwhile
+        runs: queued work (advance()), or, under a scheduler, the other tasks."""
+        sched = self.sched
+        if sched is not None:
+            while not comp.try_wait_for_completion():
+                if not sched.block(comp.completion_done, what, timeout=jiffies):
+                    return 0
+            return 1
+        self.advance(jiffies)
+        if interruptible:
+            return comp.wait_for_completion_interruptible_timeout(jiffies)
+        return comp.wait_for_completion_timeout(jiffies)
 
     # -- the leak check ---------------------------------------------------------
 

@@ -45,6 +45,7 @@ class RWSem:
         self._writer = False
 
     def down_read_trylock(self) -> bool:
+        self._kernel.preempt("down_read_trylock(&parent->unreg_sem)")
         with self._cond:
             if self._writer:
                 return False
@@ -55,9 +56,18 @@ class RWSem:
         with self._cond:
             self._readers -= 1
             self._cond.notify_all()
+        self._kernel.preempt("up_read(&parent->unreg_sem)")
 
     def down_write(self) -> None:
         kernel = self._kernel
+        sched = kernel.sched
+        if sched is not None and sched.current is not None:
+            sched.preempt("down_write(&parent->unreg_sem)")
+            while self._writer or self._readers:
+                sched.block(lambda: not (self._writer or self._readers),
+                            "down_write(&parent->unreg_sem)")
+            self._writer = True
+            return
         limit = time.monotonic() + kernel.lock_timeout_s()
         with self._cond:
             while self._writer or self._readers:
@@ -74,6 +84,7 @@ class RWSem:
         with self._cond:
             self._writer = False
             self._cond.notify_all()
+        self._kernel.preempt("up_write(&parent->unreg_sem)")
 
 
 class MdevType(Tracked):

@@ -103,6 +103,7 @@ def kzalloc(kernel: Kernel, cls: type[_T]) -> _T | None:
     d["_kmem"] = Memory(kernel, f"{cls.__name__}@{id(obj):#x}", capture_stack(), obj=obj)
     kernel.allocations[id(obj)] = d["_kmem"]
     obj._kzalloc(kernel)
+    kernel.preempt(f"kzalloc {cls.__name__}")
     return obj
 
 
@@ -145,6 +146,7 @@ def kfree(obj: Tracked) -> None:
     mem.free_pid = os.getpid()
     mem.obj = None
     mem.kernel.allocations.pop(id(obj), None)
+    mem.kernel.preempt(f"kfree {mem.what}")
 
 
 kvfree = kfree

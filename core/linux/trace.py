@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -25,9 +25,11 @@ class Event:
     refcount: tuple[int, int] | None = None  # registration count before, after
     open_count: int | None = None
     detail: str = ""
+    task: str = ""  # the scheduler's task that did it (explore), else ""
 
     def __str__(self) -> str:
-        parts = [f"[{self.jiffies:>10}] pid {self.pid:<7} {self.device:<12} {self.op:<28}"]
+        who = f"{self.task:<16.16} " if self.task else ""
+        parts = [f"[{self.jiffies:>10}] pid {self.pid:<7} {who}{self.device:<12} {self.op:<28}"]
         if self.kref is not None:
             parts.append(f"kref {self.kref[0]}->{self.kref[1]}")
         if self.refcount is not None:
@@ -42,17 +44,35 @@ class Event:
         return asdict(self)
 
 
+class Switch(Protocol):
+    """What the trace tells of each event under a scheduler (linux.sched.Scheduler)."""
+
+    def current_name(self) -> str: ...
+
+    def preempt(self, op: str) -> None: ...
+
+
 @dataclass
 class Trace:
-    """The events of one emulated kernel, in order (thread-safe append)."""
+    """The events of one emulated kernel, in order (thread-safe append).
+
+    Under a scheduler (`sched` set), each event names its task, and each is a switch
+    point: another task may run right after it.
+    """
 
     events: list[Event] = field(default_factory=list)
+    sched: Switch | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, jiffies: int, device: str, op: str, **fields: Any) -> Event:
+        sched = self.sched
+        if sched is not None:
+            fields["task"] = sched.current_name()
         event = Event(jiffies, os.getpid(), device, op, **fields)
         with self._lock:
             self.events.append(event)
+        if sched is not None:
+            sched.preempt(op)
         return event
 
     def timeline(self) -> str:

@@ -25,6 +25,7 @@ from vfio_emu.errors import EmulatorError, HangError, InvalidArgumentError
 from vfio_emu.linux.device import Device
 from vfio_emu.linux.errno import EBUSY, EINVAL, ENODEV, ENOMEM, ENOSPC
 from vfio_emu.linux.kernel import MINORMASK, Kernel
+from vfio_emu.linux.mutex import Mutex
 from vfio_emu.linux.slab import Tracked, kfree, kvfree, kzalloc, mem_of, use_after_free
 from vfio_emu.shm.refcount import Kref, Refcount
 from vfio_emu.stack import Stack, caller_stack, capture_stack
@@ -164,8 +165,7 @@ class DeviceSet(Tracked):
     def _kzalloc(self, kernel: Kernel) -> None:
         self.kernel = kernel
         self.set_id: Any = None  # kept alive: the xarray is keyed by its identity
-        self.lock = threading.Lock()
-        self.lock_owner: int | None = None
+        self.lock = Mutex(kernel, "&dev_set->lock")
         self.device_list: list[VfioDevice] = []
         self.device_count = 0
 
@@ -173,28 +173,20 @@ class DeviceSet(Tracked):
         return f"(set_id {type(self.set_id).__name__}@{id(self.set_id):#x})"
 
     def __enter__(self) -> DeviceSet:
-        """mutex_lock(&dev_set->lock): lockdep's report instead of a self-deadlock, and the
-        watchdog's instead of waiting forever for another holder."""
-        kernel = self.kernel
-        if self.held():
-            raise HangError(kernel.report(
+        """mutex_lock(&dev_set->lock): lockdep's report instead of a self-deadlock."""
+        if self.lock.held():
+            raise HangError(self.kernel.report(
                 "WARN", "WARNING: possible recursive locking detected",
                 f"this task already holds &dev_set->lock of {self.describe()} and takes it "
                 "again: it would deadlock"))
-        if not self.lock.acquire(timeout=kernel.lock_timeout_s()):
-            raise HangError(kernel.report(
-                "hang", kernel.hung_task(kernel.lock_timeout_s()),
-                f"mutex_lock(&dev_set->lock) of {self.describe()}: held by thread "
-                f"{self.lock_owner}"))
-        self.lock_owner = threading.get_ident()
+        self.lock.lock()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.lock_owner = None
-        self.lock.release()
+        self.lock.unlock()
 
     def held(self) -> bool:
-        return self.lock_owner == threading.get_ident()
+        return self.lock.held()
 
 
 def vfio_assign_device_set(vdev: VfioDevice, set_id: Any) -> int:
@@ -561,15 +553,14 @@ def vfio_unregister_group_dev(vdev: VfioDevice) -> None:
             _trace(core, "ops->request", detail=f"count {i}")
             request(vdev, i)
             i += 1
-        kernel.advance(kernel.HZ * 10)  # 10 s asleep: what falls due meanwhile happens
-        if not interrupted:
-            rc = core.comp.wait_for_completion_interruptible_timeout(kernel.HZ * 10)
-            if rc < 0:
-                interrupted = True
-                kernel.report("info", f"vfio {core.name}: Device is currently in use, task "
-                              f"\"python\" ({os.getpid()}) blocked until device is released")
-        else:
-            rc = core.comp.wait_for_completion_timeout(kernel.HZ * 10)
+        # 10 s asleep: what falls due meanwhile happens
+        rc = kernel.wait_completion_timeout(core.comp, kernel.HZ * 10,
+                                            f"vfio_unregister_group_dev({core.name})",
+                                            interruptible=not interrupted)
+        if rc < 0:
+            interrupted = True
+            kernel.report("info", f"vfio {core.name}: Device is currently in use, task "
+                          f"\"python\" ({os.getpid()}) blocked until device is released")
         if rc <= 0:
             waited += 10
             if waited >= kernel.watchdog_s:
