@@ -48,7 +48,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check core plugins tests benchmarks csrc
 	rm -rf build/typecheck && mkdir -p build/typecheck/vfio_emu
 	ln -s $(CURDIR)/core/*.py $(CURDIR)/core/py.typed $(CURDIR)/core/shm $(CURDIR)/core/linux \
-	      $(CURDIR)/core/check build/typecheck/vfio_emu/
+	      $(CURDIR)/core/check $(CURDIR)/core/explore build/typecheck/vfio_emu/
 	ln -s $(CURDIR)/plugins build/typecheck/vfio_emu/plugins
 	MYPYPATH=build/typecheck $(BIN)/mypy -p vfio_emu
 

@@ -1,5 +1,5 @@
-"""The vfio-emu command line: `check` (the drivers), `run` (a scenario), `lkdtm` (refcount),
-`arenas` (segments and their orphans)."""
+"""The vfio-emu command line: `check` (the drivers), `explore` (their races), `run` (a
+scenario), `lkdtm` (refcount), `arenas` (segments and their orphans), `bench`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import re
 import sys
 import textwrap
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 
@@ -27,6 +28,9 @@ from vfio_emu.check import (
 from vfio_emu.check.isolate import BUDGET_S
 from vfio_emu.check.scenarios import SCENARIOS
 from vfio_emu.errors import ArenaNotFoundError, EmulatorError
+from vfio_emu.explore import RACES, Exploration, Outcome, describe, explore, race_named
+from vfio_emu.explore import replay as replay_schedule
+from vfio_emu.explore.chrome import write_chrome_trace
 from vfio_emu.linux.kernel import SEMANTICS, UNREGISTER_ORDERS, Kernel
 from vfio_emu.plugins.manager import Plugins
 from vfio_emu.report import Report
@@ -237,6 +241,9 @@ def cmd_check(args: argparse.Namespace) -> int:
                 results[name][mode] = check_driver(
                     plugins.driver(name), mode, seed=args.seed, scenarios=args.scenario,
                     budget_s=args.budget, progress=progress)
+                if args.explore:
+                    results[name][mode] += _explored(plugins.driver(name), mode, args,
+                                                     progress)
     except EmulatorError as e:
         print(f"vfio-emu check: {e}", file=sys.stderr)
         return 2
@@ -272,6 +279,130 @@ def cmd_check(args: argparse.Namespace) -> int:
           + (f"; {counts[NOT_APPLICABLE]} not applicable" if counts[NOT_APPLICABLE] else "")
           + ")")
     return 1 if failed else 0
+
+
+def _mode(args: argparse.Namespace) -> Mode:
+    return Mode(args.semantics, args.delayed_release, args.unregister_order)
+
+
+def _outcome_details(o: Outcome, verbose: int) -> str:
+    v = o.verdict
+    return (f"schedule: {o.schedule} ({o.preemptions} preemption(s), "
+            f"{len(o.decisions)} decisions, tasks: {', '.join(o.tasks)})\n"
+            + _details(v, verbose))
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    try:
+        plugins = Plugins(strict=False)
+        if args.driver not in plugins.drivers:
+            raise EmulatorError(plugins.errors.get(args.driver) or (
+                f"no driver named {args.driver} (installed: "
+                f"{', '.join(sorted(plugins.drivers)) or 'none'})"))
+        driver = plugins.driver(args.driver)
+        mode = _mode(args)
+        races = [race_named(args.scenario)] if args.scenario else list(RACES.values())
+        if args.replay and not args.scenario:
+            raise EmulatorError("--replay needs --scenario: the race the schedule is of")
+        if args.replay:
+            return _replay(driver, races[0], mode, args)
+        results = []
+        for race in races:
+            results.append(explore(
+                driver, race, mode, strategy=args.strategy, budget=args.budget,
+                time_s=args.time, bound=args.preemptions, depth=args.depth, seed=args.seed,
+                jobs=args.jobs, progress=None if args.json else _progress))
+            if not args.json:
+                print(file=sys.stderr)
+    except (EmulatorError, ValueError) as e:
+        print(f"vfio-emu explore: {e}", file=sys.stderr)
+        return 2
+    failed = any(not r.passed for r in results)
+    shown = next((o for r in results for o in r.failures + r.known), None)
+    if args.trace and shown is not None:
+        write_chrome_trace(args.trace, shown.events, f"vfio-emu explore {args.driver}: "
+                           f"{shown.verdict.scenario} {shown.schedule}")
+    if args.json:
+        print(json.dumps({"driver": args.driver, "mode": str(mode), "seed": args.seed,
+                          "strategy": args.strategy, "races": [_exploration_json(r)
+                                                               for r in results]}, indent=2))
+        return 1 if failed else 0
+    for r in results:
+        print(describe(r))
+        for e in r.errors:
+            print(f"  worker error: {e}")
+        for o in r.failures + (r.known if args.verbose else []):
+            print()
+            print(_outcome_details(o, args.verbose))
+        if r.failures or r.errors:
+            print()
+    if args.trace:
+        print(f"trace: {args.trace}" if shown is not None else
+              "trace: nothing failed, no trace written (--replay a schedule to trace it)")
+    return 1 if failed else 0
+
+
+_last_progress = [0.0]
+
+
+def _progress(r: Exploration) -> None:
+    """At most four progress lines a second, over each other."""
+    now = time.monotonic()
+    if now - _last_progress[0] < 0.25:
+        return
+    _last_progress[0] = now
+    print(f"\r  {r.driver}: {r.race}: {r.runs} schedules, {r.rate:.0f}/s, "
+          f"{len(r.states)} distinct, {len(r.failures)} failure(s) ", end="",
+          file=sys.stderr, flush=True)
+
+
+def _replay(driver: object, race: object, mode: Mode, args: argparse.Namespace) -> int:
+    o = replay_schedule(driver, race, mode, args.replay)  # type: ignore[arg-type]
+    if args.trace:
+        write_chrome_trace(args.trace, o.events, f"vfio-emu explore {args.driver}: "
+                           f"{o.verdict.scenario} {o.schedule}")
+    if args.json:
+        print(json.dumps(_verdict_json(o.verdict) | {"schedule": str(o.schedule)}, indent=2))
+    else:
+        print(f"{o.verdict.scenario}: {o.verdict.status}")
+        print(_outcome_details(o, max(args.verbose, 1)))
+    return 1 if o.verdict.status == FAIL else 0
+
+
+def _exploration_json(r: Exploration) -> dict[str, object]:
+    return {"race": r.race, "runs": r.runs, "distinct_timelines": len(r.states),
+            "seconds": round(r.elapsed_s, 3), "schedules_per_s": round(r.rate, 1),
+            "exhausted": r.exhausted, "not_applicable": r.not_applicable, "errors": r.errors,
+            "failures": [_verdict_json(o.verdict) | {"schedule": str(o.schedule),
+                                                    "preemptions": o.preemptions}
+                         for o in r.failures],
+            "known": [_verdict_json(o.verdict) | {"schedule": str(o.schedule)}
+                      for o in r.known]}
+
+
+def _explored(driver: object, mode: Mode, args: argparse.Namespace,
+              progress: object) -> list[Verdict]:
+    """check --explore N: each race under N random schedules, as verdicts."""
+    out = []
+    for race in RACES.values():
+        progress(f"{driver.name}: exploring {race.name}")  # type: ignore[attr-defined,operator]
+        r = explore(driver, race, mode, budget=args.explore, seed=args.seed)  # type: ignore[arg-type]
+        name = f"explore: {race.name}"
+        found = r.failures + r.known
+        if found:
+            for o in found:
+                o.verdict.scenario = name
+                out.append(o.verdict)
+        else:
+            v = Verdict(driver.name, name, mode, args.seed)  # type: ignore[attr-defined]
+            if r.not_applicable:
+                v.status, v.note = NOT_APPLICABLE, r.not_applicable
+            elif r.errors:
+                v.status, v.error = FAIL, r.errors[0].splitlines()[0]
+            else:
+                v.note = f"{r.runs} schedules, {len(r.states)} distinct timelines"
+            out.append(v)
+    return out
 
 
 def _size(n: int) -> str:
@@ -425,7 +556,47 @@ def build_parser() -> argparse.ArgumentParser:
                         "also the emulator's own frames")
     c.add_argument("--json", action="store_true",
                    help="machine-readable output (always a complete document)")
+    c.add_argument("--explore", type=int, default=0, metavar="N",
+                   help="also explore each concurrent scenario (vfio-emu explore) under N "
+                        "random schedules")
     c.set_defaults(func=cmd_check)
+    e = sub.add_parser(
+        "explore", help="run a driver's concurrent scenarios under many interleavings",
+        description="Split a driver's life cycle into racing tasks (a remove, userspace "
+                    "closing or opening FDs, a module unload, delayed releases) and run them "
+                    "one at a time, switching only at kernel operations, under schedules "
+                    "picked by a strategy. Each failure is shrunk to its fewest preemptions "
+                    "and printed with the schedule that replays it. Exit status 0 clean, 1 "
+                    "findings, 2 usage or the tool's own failure.")
+    e.add_argument("driver", help="the driver plugin")
+    e.add_argument("--scenario", metavar="NAME", help="only this race: " + ", ".join(
+        repr(n) for n in RACES))
+    e.add_argument("--strategy", choices=("random", "pct", "dfs"), default="random",
+                   help="random walk, PCT, or every schedule with at most K preemptions")
+    e.add_argument("--preemptions", type=int, default=2, metavar="K",
+                   help="dfs: the preemption bound (2)")
+    e.add_argument("--depth", type=int, default=3, metavar="D", help="pct: the bug depth (3)")
+    e.add_argument("--budget", type=int, default=None, metavar="N",
+                   help="schedules per race (random, pct: 200; dfs: no cap)")
+    e.add_argument("--time", type=float, default=None, metavar="S",
+                   help="stop each race after S seconds")
+    e.add_argument("--seed", type=int, default=0, help="picks the schedules (and the kernel's "
+                                                       "delays)")
+    e.add_argument("--jobs", type=int, default=1, metavar="N", help="worker processes")
+    e.add_argument("--replay", metavar="SCHEDULE",
+                   help="run the schedule a failure printed (with --scenario)")
+    e.add_argument("--trace", metavar="FILE.json",
+                   help="write the first failure's (or the replayed run's) timeline as Chrome "
+                        "trace-event JSON, for ui.perfetto.dev")
+    e.add_argument("--semantics", choices=SEMANTICS, default="v6.1")
+    e.add_argument("--delayed-release", action="store_true",
+                   help="DEBUG_KOBJECT_RELEASE (a race may turn it on itself)")
+    e.add_argument("--unregister-order", choices=UNREGISTER_ORDERS, default="v6.1")
+    e.add_argument("-v", "--verbose", action="count", default=0,
+                   help="-v: the timeline of each failure, and known findings; -vv: also the "
+                        "emulator's own frames")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.set_defaults(func=cmd_explore)
     return parser
 
 

@@ -98,7 +98,7 @@ def driver_exit(kernel: Kernel, driver: Any) -> None:
 @hookimpl
 def check_known_findings() -> list[KnownFinding]:
     return [KnownFinding(
-        "FD given back on request", "no request op",
+        "*on request", "no request op",
         "v6.1 vfio_ap_matrix_dev_ops has no request op (added upstream later): removing an "
         "mdev a VMM holds waits until the VMM lets go on its own")]
 

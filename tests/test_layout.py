@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = {"vfio_emu": ROOT / "core", "vfio_emu.plugins": ROOT / "plugins"}
-LAYERS = {"foundation": 0, "shm": 1, "linux": 2, "plugins": 3, "check": 4, "cli": 5,
+LAYERS = {"foundation": 0, "shm": 1, "linux": 2, "plugins": 3, "check": 4, "explore": 4, "cli": 5,
           "pytest_plugin": 5, "bench": 5}
 
 

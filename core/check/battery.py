@@ -64,7 +64,8 @@ class _Run:
 @contextmanager
 def _kernel(driver: Driver, mode: Mode, seed: int, *, load: bool = True,
             **options: Any) -> Iterator[Kernel]:
-    kernel = Kernel(watchdog_s=WATCHDOG_S, semantics=mode.semantics,
+    options.setdefault("watchdog_s", WATCHDOG_S)
+    kernel = Kernel(semantics=mode.semantics,
                     delayed_release=options.pop("delayed_release", mode.delayed_release),
                     unregister_order=mode.unregister_order, seed=seed, **options)
     try:

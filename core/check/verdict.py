@@ -68,6 +68,7 @@ class Verdict:
     injected: str = ""  # what was made to fail, and where
     note: str = ""  # e.g. why a step is not applicable, or the known finding's reason
     timeline: list[str] = field(default_factory=list)
+    schedule: str = ""  # an explored run's schedule (vfio-emu explore --replay)
 
     @property
     def passed(self) -> bool:
@@ -80,7 +81,11 @@ class Verdict:
                                                         for r in self.reports]
 
     def replay(self) -> str:
-        """The command that runs this scenario again, in this mode, with this seed."""
+        """The command that runs this scenario again, in this mode, with this seed (an
+        explored run: with its schedule)."""
+        if self.schedule:
+            return shlex.join(["vfio-emu", "explore", self.driver, "--scenario", self.scenario,
+                               *self.mode.flags(), "--replay", self.schedule])
         return shlex.join(["vfio-emu", "check", self.driver, "--scenario", self.scenario,
                            *self.mode.flags(), "--seed", str(self.seed)])
 

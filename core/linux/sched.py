@@ -102,6 +102,7 @@ class Scheduler:
         self._finished = threading.Semaphore(0)
         self._aborting = False  # the run is being ended: tasks unwind, nobody switches
         self._hang: Report | None = None  # why, when it is a hang
+        self._policy_error: BaseException | None = None  # the policy failed: run() raises it
         self._running = False
 
     # -- setting up -----------------------------------------------------------------
@@ -134,6 +135,8 @@ class Scheduler:
         for task in self.tasks:
             if task.thread is not None:
                 task.thread.join()
+        if self._policy_error is not None:
+            raise self._policy_error
 
     @property
     def hang(self) -> Report | None:
@@ -253,10 +256,15 @@ class Scheduler:
         else:
             current = me.tid if me is not None and me in enabled else None
             decision = Decision(len(self.decisions), tuple(t.tid for t in enabled), current, op)
-            tid = self.policy.choose(decision)
-            if tid not in decision.enabled:
-                raise EmulatorError(f"the policy chose task {tid}, not one of "
-                                    f"{decision.enabled} at decision {decision.index}")
+            try:
+                tid = self.policy.choose(decision)
+                if tid not in decision.enabled:
+                    raise EmulatorError(f"the policy chose task {tid}, not one of "
+                                        f"{decision.enabled} at decision {decision.index}")
+            except Exception as e:  # the run cannot follow its policy: end it, run() raises
+                self._policy_error = e
+                self._aborting = True
+                return self._next(me, op)
             self.decisions.append(decision)
             self.picks.append(tid)
             chosen = self.tasks[tid]

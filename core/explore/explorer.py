@@ -1,0 +1,428 @@
+"""The explorer: a concurrent scenario run under many schedules, its failures replayable.
+
+One run is a race (explore.scenarios) in a fresh kernel under a Scheduler
+whose policy picks every switch; its verdict is judged exactly as the check
+battery judges a scenario, and comes with the schedule that replays it.
+explore() runs schedules chosen by a strategy - random walk, PCT, or DFS over
+every schedule with at most k preemptions - in worker processes (each its own
+kernel, so a driver that crashes takes only its worker down), and shrinks
+every distinct failure to the fewest non-default picks that still fail.
+
+Which schedules run follows from the seed alone: the i-th random or PCT
+schedule draws from (seed, i), whatever the number of workers; only a --time
+budget makes how many run depend on the machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import random
+import re
+import select
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from vfio_emu.check.battery import _one
+from vfio_emu.check.verdict import FAIL, KNOWN, NOT_APPLICABLE, OK, Mode, Verdict
+from vfio_emu.errors import EmulatorError, InvalidArgumentError
+from vfio_emu.explore.scenarios import RACES, Race
+from vfio_emu.explore.schedule import Schedule
+from vfio_emu.explore.strategy import PCT, STRATEGIES, RandomWalk, Replay, ScheduleMismatch, dfs
+from vfio_emu.linux.sched import Decision, Policy, Scheduler
+from vfio_emu.linux.trace import Event
+from vfio_emu.plugins.manager import Driver
+
+#: What differs between two runs of one failure: pids, addresses, indices.
+_NUMBERS = re.compile(r"0x[0-9a-f]+|\d+")
+#: Schedules random and PCT run when no budget is given.
+DEFAULT_BUDGET = 200
+
+
+@dataclass
+class Outcome:
+    """One run: its verdict, its schedule, and what the explorer needs from it."""
+
+    verdict: Verdict
+    schedule: Schedule
+    decisions: list[Decision] = field(default_factory=list)
+    picks: list[int] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+
+    @property
+    def preemptions(self) -> int:
+        return self.schedule.preemptions(self.decisions)
+
+    @property
+    def signature(self) -> str:
+        """What makes two failures the same: the first finding, addresses masked."""
+        return _NUMBERS.sub("N", self.verdict.findings[0]) if self.verdict.findings else ""
+
+    @property
+    def state(self) -> int:
+        """The run's timeline, hashed: distinct values are distinct interleavings' effects."""
+        return hash(tuple(self.verdict.timeline))
+
+
+def race_named(name: str) -> Race:
+    race = RACES.get(name)
+    if race is None:
+        raise InvalidArgumentError(f"no concurrent scenario {name!r}: choose one of "
+                                   f"{', '.join(repr(n) for n in RACES)}")
+    return race
+
+
+def run_race(driver: Driver, race: Race, mode: Mode, seed: int = 0,
+             policy: Policy | None = None) -> Outcome:
+    """The race once, under this policy (default: no preemption at all)."""
+    policy = policy or Replay()
+    got: dict[str, Any] = {}
+
+    def body(driver: Driver, kernel: Any) -> str:
+        got["events"] = kernel.trace.events
+        tasks = race.setup(driver, kernel)
+        if isinstance(tasks, str):
+            return tasks
+        sched = got["sched"] = Scheduler(kernel, policy)
+        for name, fn in tasks:
+            sched.spawn(fn, name)
+        try:
+            sched.run()
+        except ScheduleMismatch as e:
+            got["mismatch"] = e
+            return ""
+        errors = [t.error for t in sched.tasks if t.error is not None]
+        for e in errors:  # a driver's own exception: the first is the verdict's error
+            if not hasattr(e, "report"):
+                raise e
+        return ""
+
+    verdict = _one(driver, race.name, body, mode, seed, options=dict(race.options),
+                   unloads=race.unloads)
+    if "mismatch" in got:
+        raise got["mismatch"]
+    sched = got.get("sched")
+    decisions = list(sched.decisions) if sched is not None else []
+    picks = list(sched.picks) if sched is not None else []
+    outcome = Outcome(verdict, Schedule.of(seed, decisions, picks), decisions, picks,
+                      list(got.get("events", [])),
+                      [t.name for t in sched.tasks] if sched is not None else [])
+    verdict.schedule = str(outcome.schedule)
+    _mark_known(driver, race, verdict, mode)
+    return outcome
+
+
+def _mark_known(driver: Driver, race: Race, verdict: Verdict, mode: Mode) -> None:
+    """A FAIL with a finding the driver declared, or the kernel's own (Race.core), is known
+    (not strict here: one schedule need not show every declared finding)."""
+    if verdict.status != FAIL:
+        return
+    try:
+        known = driver.known_findings()
+    except EmulatorError:
+        known = []
+    reasons = [k.reason for k in known if k.applies(verdict.scenario, mode.semantics,
+                                                     mode.delayed_release)
+               and any(k.match in line for line in verdict.findings)]
+    reasons += [c.reason for c in race.core if c.unregister_order == mode.unregister_order
+                and any(c.match in line for line in verdict.findings)]
+    if reasons:
+        verdict.status, verdict.note = KNOWN, "; ".join(dict.fromkeys(reasons))
+
+
+def replay(driver: Driver, race: Race, mode: Mode, schedule: Schedule | str) -> Outcome:
+    """The run a schedule (as printed) describes: the same verdict and timeline."""
+    if isinstance(schedule, str):
+        schedule = Schedule.parse(schedule)
+    return run_race(driver, race, mode, schedule.seed, Replay(dict(schedule.picks)))
+
+
+def minimise(driver: Driver, race: Race, mode: Mode, failing: Outcome) -> Outcome:
+    """Drop picks, latest first, while the run still fails the same way: the fewest
+    non-default picks (so preemptions) that show the failure."""
+    best = failing
+    i = len(best.schedule.picks) - 1
+    while i >= 0:
+        picks = best.schedule.picks[:i] + best.schedule.picks[i + 1:]
+        try:
+            trial = run_race(driver, race, mode, best.schedule.seed, Replay(dict(picks)))
+        except ScheduleMismatch:
+            trial = None
+        if trial is not None and trial.signature == best.signature \
+                and trial.verdict.status == best.verdict.status:
+            best = trial
+        i -= 1
+    return best
+
+
+# -- many schedules -----------------------------------------------------------------------------
+
+@dataclass
+class Exploration:
+    """What exploring one race found: counts, and one minimised run per distinct failure."""
+
+    driver: str
+    race: str
+    mode: Mode
+    strategy: str
+    seed: int
+    runs: int = 0
+    states: set[int] = field(default_factory=set)
+    failures: list[Outcome] = field(default_factory=list)  # FAIL, minimised, one per kind
+    known: list[Outcome] = field(default_factory=list)  # declared findings, one per kind
+    not_applicable: str = ""
+    elapsed_s: float = 0.0
+    exhausted: bool = False  # dfs: every schedule within the bound ran
+    errors: list[str] = field(default_factory=list)  # workers that died
+
+    @property
+    def rate(self) -> float:
+        return self.runs / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures and not self.errors
+
+
+def _schedules(driver: Driver, race: Race, mode: Mode, strategy: str, seed: int,
+               indices: range | None, roots: list[list[int]] | None, bound: int, depth: int,
+               length: int) -> Iterator[Outcome]:
+    """The runs of one worker: schedules `indices` (random, pct) or the dfs subtrees
+    under `roots`."""
+    if strategy == "dfs":
+        last: list[Outcome] = []
+
+        def run(prefix: list[int]) -> tuple[list[Decision], list[int]]:
+            out = run_race(driver, race, mode, seed, Replay(prefix=prefix))
+            last[:] = [out]
+            return out.decisions, out.picks
+        for root in roots or [[]]:
+            for _ in dfs(run, bound, root):
+                yield last[0]
+        return
+    for i in indices or range(0):
+        rng = random.Random(f"{seed}:{i}")
+        policy: Policy = RandomWalk(rng) if strategy == "random" else PCT(rng, depth, length)
+        yield run_race(driver, race, mode, seed, policy)
+
+
+def _worker(driver: Driver, race: Race, mode: Mode, strategy: str, seed: int,
+            indices: range | None, roots: list[list[int]] | None, bound: int, depth: int,
+            length: int, deadline: float | None, emit: Callable[[tuple[Any, ...]], None]
+            ) -> None:
+    """Run a share of the schedules; emit ("run", state, status, signature) per run and
+    ("failure", minimised outcome) per new kind of failure."""
+    seen: set[str] = set()
+    for out in _schedules(driver, race, mode, strategy, seed, indices, roots, bound, depth,
+                          length):
+        status = out.verdict.status
+        emit(("run", out.state, status, out.signature))
+        if status in (FAIL, KNOWN) and out.signature not in seen:
+            seen.add(out.signature)
+            emit(("failure", minimise(driver, race, mode, out) if status == FAIL else out))
+        if deadline is not None and time.monotonic() >= deadline:
+            emit(("stopped",))
+            return
+    emit(("exhausted",))
+
+
+def explore(driver: Driver, race: Race | str, mode: Mode | None = None, *,
+            strategy: str = "random", budget: int | None = None, time_s: float | None = None,
+            bound: int = 2, depth: int = 3, seed: int = 0, jobs: int = 1,
+            progress: Callable[[Exploration], None] | None = None) -> Exploration:
+    """Explore a race's interleavings (see the module docstring).
+
+    budget: schedules to run (random, pct: default DEFAULT_BUDGET; dfs: no cap).
+    time_s: stop after this many seconds (a cap on top of the budget).  bound: dfs's
+    preemption bound.  depth: PCT's bug depth.  jobs: worker processes.
+    """
+    mode = mode or Mode()
+    race = race_named(race) if isinstance(race, str) else race
+    if strategy not in STRATEGIES:
+        raise InvalidArgumentError(f"strategy={strategy!r}: choose one of {STRATEGIES}")
+    for what, value, low in (("budget", budget, 1), ("bound", bound, 0), ("depth", depth, 1),
+                             ("jobs", jobs, 1), ("seed", seed, 0)):
+        if value is not None and (type(value) is not int or value < low):
+            raise InvalidArgumentError(f"{what}={value!r} must be an int >= {low}")
+    if time_s is not None and not (isinstance(time_s, (int, float)) and time_s > 0):
+        raise InvalidArgumentError(f"time_s={time_s!r} must be a positive number of seconds")
+    result = Exploration(driver.name, race.name, mode, strategy, seed)
+    started = time.monotonic()
+    deadline = None if time_s is None else started + time_s
+    # The first run, in this process's child: n/a, and PCT's length and dfs's roots.
+    first = _isolated(lambda: run_race(driver, race, mode, seed))
+    if isinstance(first, str):
+        result.errors.append(first)
+        result.elapsed_s = time.monotonic() - started
+        return result
+    if first.verdict.status == NOT_APPLICABLE:
+        result.not_applicable = first.verdict.note
+        result.elapsed_s = time.monotonic() - started
+        return result
+    length = max(len(first.decisions), 1)
+    shares: list[tuple[range | None, list[list[int]] | None]]
+    if strategy == "dfs":
+        roots = [[]] if jobs == 1 else _roots(first, bound)
+        shares = [(None, roots[k::jobs]) for k in range(min(jobs, len(roots)))]
+    else:
+        total = budget or DEFAULT_BUDGET
+        shares = [(range(k, total, jobs), None) for k in range(min(jobs, total))]
+    if strategy == "dfs" and jobs > 1:  # the root run itself is no worker's
+        _account(result, ("run", first.state, first.verdict.status, first.signature))
+        if first.verdict.status in (FAIL, KNOWN):
+            _account(result, ("failure", minimise(driver, race, mode, first)
+                              if first.verdict.status == FAIL else first))
+    cap = budget if strategy == "dfs" else None
+    _run_workers(result, [functools.partial(_worker, driver, race, mode, strategy, seed, idx,
+                                            roots, bound, depth, length, deadline)
+                          for idx, roots in shares], cap, progress, started)
+    result.elapsed_s = time.monotonic() - started
+    return result
+
+
+def _roots(first: Outcome, bound: int) -> list[list[int]]:
+    """The first run's branches: disjoint dfs subtrees, one share each."""
+    roots: list[list[int]] = []
+    spent = 0
+    for j, d in enumerate(first.decisions):
+        for alt in d.enabled:
+            if alt == first.picks[j]:
+                continue
+            if spent + (1 if d.current is not None and alt != d.current else 0) <= bound:
+                roots.append(first.picks[:j] + [alt])
+        if d.current is not None and first.picks[j] != d.current:
+            spent += 1
+    return roots
+
+
+def _account(result: Exploration, msg: tuple[Any, ...]) -> None:
+    if msg[0] == "run":
+        result.runs += 1
+        result.states.add(msg[1])
+    elif msg[0] == "failure":
+        out: Outcome = msg[1]
+        bucket = result.failures if out.verdict.status == FAIL else result.known
+        if all(o.signature != out.signature for o in bucket):
+            bucket.append(out)
+    elif msg[0] == "exhausted":
+        result.exhausted = True
+
+
+def _isolated(fn: Callable[[], Outcome]) -> Outcome | str:
+    """fn() in a forked child; its outcome, or why there is none."""
+    results: list[Any] = []
+    errors: list[str] = []
+    _fork_all([lambda emit: emit(("value", fn()))], lambda msg: results.append(msg[1]),
+              errors.append)
+    return results[0] if results else (errors or ["the run gave no result"])[0]
+
+
+def _run_workers(result: Exploration, workers: list[Callable[[Callable[..., None]], None]],
+                 cap: int | None, progress: Callable[[Exploration], None] | None,
+                 started: float) -> None:
+    exhausted = [0]
+
+    def on_message(msg: tuple[Any, ...]) -> bool:
+        if msg[0] == "exhausted":
+            exhausted[0] += 1
+            return False
+        _account(result, msg)
+        if progress is not None and msg[0] == "run":
+            result.elapsed_s = time.monotonic() - started
+            progress(result)
+        return cap is not None and result.runs >= cap
+
+    _fork_all(workers, on_message, result.errors.append)
+    result.exhausted = exhausted[0] == len(workers) and (cap is None or result.runs < cap)
+
+
+def _fork_all(workers: list[Callable[[Callable[..., None]], None]],
+              on_message: Callable[[tuple[Any, ...]], Any],
+              on_error: Callable[[str], None]) -> None:
+    """Each worker in a forked child, streaming pickled messages; on_message returning
+    True stops them all.  A child that dies is one error line."""
+    children: dict[int, tuple[int, bytearray]] = {}
+    for work in workers:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            os.close(r)
+            code = 0
+            out = os.fdopen(w, "wb")
+
+            def emit(msg: tuple[Any, ...]) -> None:
+                data = pickle.dumps(msg)
+                out.write(len(data).to_bytes(8, "little") + data)
+                out.flush()
+            try:
+                work(emit)
+            except BaseException:
+                emit(("error", traceback.format_exc()))
+                code = 3
+            finally:
+                try:
+                    out.close()
+                finally:
+                    os._exit(code)
+        os.close(w)
+        children[r] = (pid, bytearray())
+    stop = False
+    try:
+        while children:
+            ready, _, _ = select.select(list(children), [], [])
+            for fd in ready:
+                pid, buf = children[fd]
+                chunk = os.read(fd, 1 << 16)
+                buf += chunk
+                while len(buf) >= 8 and len(buf) >= 8 + int.from_bytes(buf[:8], "little"):
+                    size = int.from_bytes(buf[:8], "little")
+                    msg = pickle.loads(bytes(buf[8:8 + size]))
+                    del buf[:8 + size]
+                    if msg[0] == "error":
+                        on_error(f"a worker raised:\n{msg[1]}")
+                    elif not stop and on_message(msg):
+                        stop = True
+                        for other_pid, _ in children.values():
+                            _kill(other_pid)
+                if not chunk:
+                    os.close(fd)
+                    del children[fd]
+                    _, status = os.waitpid(pid, 0)
+                    if os.WIFSIGNALED(status) and not stop:
+                        on_error(f"a worker died of signal {os.WTERMSIG(status)} (the driver "
+                                 "crashed the interpreter?)")
+    finally:
+        for fd, (pid, _) in children.items():
+            _kill(pid)
+            os.close(fd)
+            os.waitpid(pid, 0)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+
+
+def describe(result: Exploration) -> str:
+    """One line: what ran and what it found."""
+    if result.not_applicable:
+        return f"{result.driver}: {result.race}: n/a ({result.not_applicable})"
+    what = (f"{result.runs} schedule(s) in {result.elapsed_s:.1f} s ({result.rate:.0f}/s), "
+            f"{len(result.states)} distinct timeline(s)")
+    if result.strategy == "dfs":
+        what += ", every schedule within the bound" if result.exhausted else \
+            ", stopped before every schedule within the bound ran"
+    found = f"{len(result.failures)} failure(s)" + (
+        f", {len(result.known)} known" if result.known else "")
+    return f"{result.driver}: {result.race} [{result.mode}; {result.strategy}]: {what}; {found}"
+
+
+__all__ = ["DEFAULT_BUDGET", "Exploration", "Outcome", "describe", "explore", "minimise",
+           "race_named", "replay", "run_race"]
