@@ -329,8 +329,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
         return 1 if failed else 0
     for r in results:
         print(describe(r))
-        for e in r.errors:
-            print(f"  worker error: {e}")
+        for error in r.errors:
+            print(f"  worker error: {error}")
         for o in r.failures + (r.known if args.verbose else []):
             print()
             print(_outcome_details(o, args.verbose))

@@ -67,8 +67,9 @@ def init(vdev: VfioPciCoreDevice) -> int:
     """vfio_pci_core_init_dev: allocates nothing."""
     vdev.pdev = vdev.dev
     vdev.irq_type = "none"
-    vdev.igate = Mutex(vdev.dev.kernel, "vdev->igate")  # mutex_init()
-    vdev.ioeventfds_lock = Mutex(vdev.dev.kernel, "vdev->ioeventfds_lock")
+    kernel = vdev.pdev.kernel
+    vdev.igate = Mutex(kernel, "vdev->igate")  # mutex_init()
+    vdev.ioeventfds_lock = Mutex(kernel, "vdev->ioeventfds_lock")
     vdev.ioeventfds_list = []
     vdev.region = None
     vdev.pm_save = None

@@ -15,6 +15,7 @@ budget makes how many run depend on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pickle
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vfio_emu.check.battery import _one
-from vfio_emu.check.verdict import FAIL, KNOWN, NOT_APPLICABLE, OK, Mode, Verdict
+from vfio_emu.check.verdict import FAIL, KNOWN, NOT_APPLICABLE, Mode, Verdict
 from vfio_emu.errors import EmulatorError, InvalidArgumentError
 from vfio_emu.explore.scenarios import RACES, Race
 from vfio_emu.explore.schedule import Schedule
@@ -97,9 +98,9 @@ def run_race(driver: Driver, race: Race, mode: Mode, seed: int = 0,
             got["mismatch"] = e
             return ""
         errors = [t.error for t in sched.tasks if t.error is not None]
-        for e in errors:  # a driver's own exception: the first is the verdict's error
-            if not hasattr(e, "report"):
-                raise e
+        own = [err for err in errors if not hasattr(err, "report")]
+        if own:  # a driver's own exception: the first is the verdict's error
+            raise own[0]
         return ""
 
     verdict = _one(driver, race.name, body, mode, seed, options=dict(race.options),
@@ -294,7 +295,7 @@ def _roots(first: Outcome, bound: int) -> list[list[int]]:
             if alt == first.picks[j]:
                 continue
             if spent + (1 if d.current is not None and alt != d.current else 0) <= bound:
-                roots.append(first.picks[:j] + [alt])
+                roots.append([*first.picks[:j], alt])
         if d.current is not None and first.picks[j] != d.current:
             spent += 1
     return roots
@@ -355,7 +356,7 @@ def _fork_all(workers: list[Callable[[Callable[..., None]], None]],
             code = 0
             out = os.fdopen(w, "wb")
 
-            def emit(msg: tuple[Any, ...]) -> None:
+            def emit(msg: tuple[Any, ...], out: Any = out) -> None:
                 data = pickle.dumps(msg)
                 out.write(len(data).to_bytes(8, "little") + data)
                 out.flush()
@@ -404,10 +405,8 @@ def _fork_all(workers: list[Callable[[Callable[..., None]], None]],
 
 
 def _kill(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, 9)
-    except ProcessLookupError:
-        pass
 
 
 def describe(result: Exploration) -> str:

@@ -104,8 +104,11 @@ def reopen_on_request(driver: Driver, kernel: Kernel) -> Tasks:
         seen = 0
         sched = kernel.sched
         assert sched is not None
+        def asked_again() -> bool:
+            return asked.count > seen
+
         while True:
-            sched.block(lambda: asked.count > seen, "the VMM waits for a request", idle=True)
+            sched.block(asked_again, "the VMM waits for a request", idle=True)
             seen = asked.count
             new = vfio_group_get_device_fd(kernel, NAME)
             held.pop().close()

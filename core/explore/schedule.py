@@ -76,7 +76,7 @@ class Schedule:
     @classmethod
     def of(cls, seed: int, decisions: list[Decision], chosen: list[int]) -> Schedule:
         """The schedule of a run: its picks that were not the default."""
-        return cls(seed, tuple((d.index, t) for d, t in zip(decisions, chosen)
+        return cls(seed, tuple((d.index, t) for d, t in zip(decisions, chosen, strict=False)
                                if t != default_pick(d)))
 
     def preemptions(self, decisions: list[Decision]) -> int:

@@ -92,7 +92,7 @@ def dfs(run: Callable[[list[int]], tuple[list[Decision], list[int]]], bound: int
         prefix = stack.pop()
         decisions, picks = run(prefix)
         yield
-        spent = sum(1 for d, t in zip(decisions[:len(prefix)], picks)
+        spent = sum(1 for d, t in zip(decisions[:len(prefix)], picks, strict=False)
                     if d.current is not None and t != d.current)
         branches = []
         for j in range(len(prefix), len(decisions)):
@@ -102,7 +102,7 @@ def dfs(run: Callable[[list[int]], tuple[list[Decision], list[int]]], bound: int
                     continue
                 cost = spent + (1 if d.current is not None and alt != d.current else 0)
                 if cost <= bound:
-                    branches.append(picks[:j] + [alt])
+                    branches.append([*picks[:j], alt])
             if d.current is not None and picks[j] != d.current:
                 spent += 1
         stack.extend(reversed(branches))  # the earliest branch is explored first

@@ -142,7 +142,7 @@ def orders_within(sizes: tuple[int, ...], bound: int) -> set[tuple[int, ...]]:
     for order in set(itertools.permutations(steps)):
         left = list(sizes)
         preemptions = 0
-        for prev, nxt in zip(order, order[1:]):
+        for prev, nxt in itertools.pairwise(order):
             left[prev] -= 1
             if nxt != prev and left[prev] > 0:
                 preemptions += 1
@@ -207,7 +207,8 @@ def test_a_wait_nobody_can_end_is_the_watchdog_s_hang_report(make_kernel):
     comp = kernel.arena.completion()
     sched = run_tasks(kernel, [("waiter", lambda: kernel.wait_for_completion(comp, "comp"))])
     assert isinstance(sched.tasks[0].error, HangError)
-    assert "wait_for_completion(comp): nobody has completed it" in sched.tasks[0].error.report.detail
+    detail = sched.tasks[0].error.report.detail
+    assert "wait_for_completion(comp): nobody has completed it" in detail
     assert kernel.jiffies() == kernel.HZ * 30
     comp.free()
 
@@ -245,7 +246,7 @@ def test_an_idle_task_waiting_for_events_is_cancelled_not_hung(make_kernel):
         assert sched is not None
         while True:
             seen = events[0]
-            sched.block(lambda: events[0] > seen, "waits for an event", idle=True)
+            sched.block(lambda seen=seen: events[0] > seen, "waits for an event", idle=True)
             log.append("event")
 
     def producer() -> None:
