@@ -362,14 +362,16 @@ def check_unbind(kernel: Kernel, driver: Any, dev: MdevDevice) -> int:
 def check_known_findings() -> list[KnownFinding]:
     """The two upstream holes a delayed release shows (docs/plugins.md has the kernel
     functions); the plugin keeps the upstream code."""
+    probe_error = ("upstream v6.1: vfio_ccw_mdev_probe's error path puts without waiting on "
+                   "release_comp")
     return [
         KnownFinding(
-            "*", "use-after-free in read of MdevType.parent",
-            "upstream: the mdev type is embedded in memory css remove frees (v6.1: the "
-            "private; v6.2: vfio_ccw_parent), which nothing pins, while an mdev's delayed "
-            "release still reads mdev->type->parent"),
-        KnownFinding(
-            "bind: register fails", "use-after-free in vfio_device_release",
-            "upstream v6.1: vfio_ccw_mdev_probe's error path puts without waiting on "
-            "release_comp", semantics="v6.1", delayed_release=True),
+            "*", "use-after-free in read of Mdev",
+            "upstream: the mdev type and parent are embedded in memory css remove frees "
+            "(v6.1: the private; v6.2: vfio_ccw_parent), which nothing pins, while an mdev's "
+            "delayed release still reads them (mdev->type, its parent, its kobject)"),
+        KnownFinding("bind: register fails", "use-after-free in vfio_device_release",
+                     probe_error, semantics="v6.1", delayed_release=True),
+        KnownFinding("failed bind, then bind", "use-after-free in vfio_device_release",
+                     probe_error, semantics="v6.1", delayed_release=True),
     ]

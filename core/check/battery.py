@@ -314,7 +314,7 @@ def _one(driver: Driver, name: str, body: Callable[[Driver, Kernel], Any], mode:
                 error = error or e
             verdict.reports = [r for r in kernel.findings() + kernel.leak_check() + extra
                                if r.kind != "info"]
-            verdict.timeline = [_ADDRESS.sub("@…", _PID.sub("", str(e)))
+            verdict.timeline = [_ADDRESS.sub("@…", _TASK.sub("python:N", _PID.sub("", str(e))))
                                 for e in kernel.trace.events]
     except Exception as e:  # module init, or the kernel's close
         error = error or e
@@ -323,6 +323,7 @@ def _one(driver: Driver, name: str, body: Callable[[Driver, Kernel], Any], mode:
 
 #: What differs between two runs of one seed: the process and where Python put an object.
 _PID = re.compile(r" pid \d+ +")
+_TASK = re.compile(r"python:\d+")  # the hung-task line names the process
 _ADDRESS = re.compile(r"@0x[0-9a-f]+")
 
 
@@ -337,10 +338,11 @@ def _judge(driver: Driver, verdict: Verdict, error: BaseException | None,
     # Where to look first: the exception, then each report's call trace, then what freed
     # the memory (a use-after-free), then what allocated it (a leak).
     order = {"Call Trace": 0, "waiting in": 0}
-    stacks = sorted(((order.get(h, 1 if h.startswith("Freed") else 2), i, text)
-                     for r in verdict.reports for i, (h, text) in enumerate(r.stacks)))
+    stacks = sorted(((order.get(h, 1 if h.startswith("Freed") else 2), n, i, text)
+                     for n, r in enumerate(verdict.reports)
+                     for i, (h, text) in enumerate(r.stacks)))
     texts = ([] if error is None else ["".join(traceback.format_tb(error.__traceback__))]) + [
-        text for _, _, text in stacks]
+        text for _, _, _, text in stacks]
     verdict.where = driver_frame(texts, driver.source_files)
     if verdict.findings:
         verdict.status = FAIL

@@ -82,6 +82,8 @@ def run_race(driver: Driver, race: Race, mode: Mode, seed: int = 0,
              policy: Policy | None = None) -> Outcome:
     """The race once, under this policy (default: no preemption at all)."""
     policy = policy or Replay()
+    if race.options.get("delayed_release") and not mode.delayed_release:
+        mode = Mode(mode.semantics, True, mode.unregister_order)  # the race turns it on
     got: dict[str, Any] = {}
 
     def body(driver: Driver, kernel: Any) -> str:
@@ -225,7 +227,7 @@ def _worker(driver: Driver, race: Race, mode: Mode, strategy: str, seed: int,
         emit(("run", out.state, status, out.signature))
         if status in (FAIL, KNOWN) and out.signature not in seen:
             seen.add(out.signature)
-            emit(("failure", minimise(driver, race, mode, out) if status == FAIL else out))
+            emit(("failure", minimise(driver, race, mode, out)))
         if deadline is not None and time.monotonic() >= deadline:
             emit(("stopped",))
             return
@@ -276,8 +278,7 @@ def explore(driver: Driver, race: Race | str, mode: Mode | None = None, *,
     if strategy == "dfs" and jobs > 1:  # the root run itself is no worker's
         _account(result, ("run", first.state, first.verdict.status, first.signature))
         if first.verdict.status in (FAIL, KNOWN):
-            _account(result, ("failure", minimise(driver, race, mode, first)
-                              if first.verdict.status == FAIL else first))
+            _account(result, ("failure", minimise(driver, race, mode, first)))
     cap = budget if strategy == "dfs" else None
     _run_workers(result, [functools.partial(_worker, driver, race, mode, strategy, seed, idx,
                                             roots, bound, depth, length, deadline)

@@ -274,6 +274,7 @@ class Kernel:
         sched = self.sched
         if sched is not None:
             sched.spawn(lambda: self._run_item(fn, what), f"kworker: {what}", work=True)
+            sched.preempt(f"queue_work({what})")  # another CPU may take it at once
             return
         with self._lock:
             heapq.heappush(self._work, (self._work_now + jiffies, next(self._work_seq),
