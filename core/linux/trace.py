@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -40,6 +40,37 @@ class Event:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _direct_init(cls: type) -> None:
+    """Give a frozen dataclass an __init__ that stores its fields straight into the new
+    instance's __dict__ - the same parameters, defaults and result as the generated one,
+    without its object.__setattr__() call per field (the trace makes an Event on every
+    transition).  A class with anything else to initialise keeps its generated __init__."""
+    params: list[str] = []
+    stores: list[str] = []
+    defaults: dict[str, Any] = {}
+    for f in fields(cls):
+        if not f.init or f.kw_only or f.default_factory is not MISSING:
+            return
+        if f.default is MISSING:
+            params.append(f.name)
+        else:
+            defaults[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+        stores.append(f"    d[{f.name!r}] = {f.name}\n")
+    if hasattr(cls, "__post_init__"):
+        return
+    ns: dict[str, Any] = {}
+    exec(f"def __init__(self, {', '.join(params)}):\n    d = self.__dict__\n"
+         + "".join(stores), defaults, ns)
+    init = ns["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__annotations__ = dict(getattr(vars(cls).get("__init__"), "__annotations__", {}))
+    cls.__init__ = init  # type: ignore[misc]
+
+
+_direct_init(Event)
 
 
 @dataclass
