@@ -10,6 +10,7 @@ into the emulator: the driver, the test, the checker.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,6 +21,22 @@ from typing import Any, overload
 INTERNAL_PREFIXES = ("vfio_emu.shm.", "vfio_emu.linux.", __name__)
 
 Frame = tuple[str, int, str]
+
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def getpid() -> int:
+    """os.getpid() without its system call: the task a stack, a trace event or a record is
+    of (kept per process, and taken anew in a forked child)."""
+    return _pid
 
 
 def _internal(frame: Any) -> bool:

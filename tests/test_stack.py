@@ -97,3 +97,27 @@ def test_a_stack_is_a_read_only_sequence_of_frames_equal_to_its_tuple() -> None:
     assert stack == frames and stack == Stack(frames) and hash(stack) == hash(Stack(frames))
     assert repr(stack) == f"Stack({frames!r})"
     assert str(stack) == '  File "a.py", line 1, in f\n  File "b.py", line 2, in g\n'
+
+
+def test_getpid_is_the_processes_own_and_a_forked_child_sees_its_own() -> None:
+    import multiprocessing
+    import os
+
+    from vfio_emu.stack import getpid
+
+    assert getpid() == os.getpid()
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    child = ctx.Process(target=_report_pids, args=(q,))
+    child.start()
+    theirs, their_os = q.get(timeout=60)
+    child.join(60)
+    assert theirs == their_os != os.getpid()
+
+
+def _report_pids(q: object) -> None:
+    import os
+
+    from vfio_emu.stack import getpid
+
+    q.put((getpid(), os.getpid()))  # type: ignore[attr-defined]

@@ -11,12 +11,11 @@ is KASAN's double-free.  kzalloc() returns None (NULL) when failslab fails it.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from vfio_emu.errors import InvalidArgumentError, KasanDoubleFree, KasanUseAfterFree
-from vfio_emu.stack import Stack, caller_stack, capture_stack
+from vfio_emu.stack import Stack, caller_stack, capture_stack, getpid
 
 if TYPE_CHECKING:  # annotations only: the kernel state sits above its memory
     from vfio_emu.linux.kernel import Kernel
@@ -31,7 +30,7 @@ class Memory:
     kernel: Kernel
     what: str
     alloc_stack: Stack
-    alloc_pid: int = field(default_factory=os.getpid)
+    alloc_pid: int = field(default_factory=getpid)
     free_stack: Stack = field(default_factory=Stack)
     free_pid: int = 0
     freed: bool = False
@@ -182,7 +181,7 @@ def kfree(obj: Tracked) -> None:
     for inner in mem.embedded:
         _poison(inner)
     mem.free_stack = capture_stack()
-    mem.free_pid = os.getpid()
+    mem.free_pid = getpid()
     mem.obj = None
     mem.kernel.allocations.pop(id(obj), None)
 

@@ -7,10 +7,11 @@ primitives: a Kref.get()/put() on its own stays one C call.
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
+
+from vfio_emu.stack import getpid
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Trace:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, jiffies: int, device: str, op: str, **fields: Any) -> Event:
-        event = Event(jiffies, os.getpid(), device, op, **fields)
+        event = Event(jiffies, getpid(), device, op, **fields)
         with self._lock:
             self.events.append(event)
         return event

@@ -27,7 +27,7 @@ from vfio_emu.linux.errno import EBUSY, EINVAL, ENODEV, ENOMEM, ENOSPC
 from vfio_emu.linux.kernel import MINORMASK, Kernel
 from vfio_emu.linux.slab import Tracked, kfree, kvfree, kzalloc, mem_of, use_after_free
 from vfio_emu.shm.refcount import Kref, Refcount
-from vfio_emu.stack import Stack, caller_stack, capture_stack
+from vfio_emu.stack import Stack, caller_stack, capture_stack, getpid
 
 
 class State(enum.Enum):
@@ -350,7 +350,7 @@ def get_device(vdev: VfioDevice) -> VfioDevice:
     core = core_of(vdev, "get_device")
     before = core.kref.read()
     core.kref.get()
-    core.holders.append((os.getpid(), capture_stack()))
+    core.holders.append((getpid(), capture_stack()))
     _trace(core, "get_device", kref=(before, core.kref.read()))
     return vdev
 
@@ -645,7 +645,7 @@ class DeviceFile:
     def __init__(self, vdev: VfioDevice, kernel: Kernel) -> None:
         self.vdev = vdev
         self.kernel = kernel
-        self.pid = os.getpid()
+        self.pid = getpid()
         self.open_stack = capture_stack()
         self.closed = False
         self._lock = threading.Lock()
