@@ -75,29 +75,21 @@ class Stack(Sequence[Frame]):
     capture_stack() keeps (code, offset) pairs; the triples are made on first use.
     """
 
-    __slots__ = ("_frames", "_raw")
+    __slots__ = ("_data",)
 
     def __init__(self, frames: Iterable[Frame] = ()) -> None:
-        self._frames: tuple[Frame, ...] | None = tuple(frames)
-        #: capture_stack()'s frames, innermost first: code, offset, code, offset...
-        self._raw: list[Any] | None = None
-
-    @classmethod
-    def _captured(cls, raw: list[Any]) -> Stack:
-        stack = cls.__new__(cls)
-        stack._frames, stack._raw = None, raw
-        return stack
+        #: The frames; or, as capture_stack() left them, a list innermost first: code,
+        #: offset, code, offset...
+        self._data: tuple[Frame, ...] | list[Any] = tuple(frames)
 
     @property
     def frames(self) -> tuple[Frame, ...]:
-        frames = self._frames
-        if frames is None:
-            raw = self._raw
-            assert raw is not None
-            frames = self._frames = tuple(
-                (raw[i].co_filename, _line(raw[i], raw[i + 1]), raw[i].co_name)  # type: ignore[misc]
-                for i in range(len(raw) - 2, -1, -2))
-            self._raw = None
+        data = self._data
+        if isinstance(data, tuple):
+            return data
+        frames = self._data = tuple(
+            (code.co_filename, _line(code, lasti), code.co_name)  # type: ignore[misc]
+            for code, lasti in zip(data[-2::-2], data[-1::-2], strict=True))
         return frames
 
     @overload
@@ -109,7 +101,8 @@ class Stack(Sequence[Frame]):
         return self.frames[index]
 
     def __len__(self) -> int:
-        return len(self.frames) if self._frames is not None else len(self._raw or ()) // 2
+        data = self._data
+        return len(data) if isinstance(data, tuple) else len(data) // 2
 
     def __iter__(self) -> Iterator[Frame]:
         return iter(self.frames)
@@ -133,6 +126,9 @@ class Stack(Sequence[Frame]):
         return "".join(summary.format())
 
 
+_new_stack = object.__new__
+
+
 def capture_stack(limit: int = 16, internal: bool = False) -> Stack:
     """The stack of the code that called into the emulator, cheaply (format it later).
 
@@ -154,7 +150,9 @@ def capture_stack(limit: int = 16, internal: bool = False) -> Stack:
         append(frame.f_lasti)
         frame = frame.f_back
         limit -= 1
-    return Stack._captured(raw)
+    stack = _new_stack(Stack)
+    stack._data = raw
+    return stack
 
 
 def caller_stack(limit: int = 32, max_bytes: int | None = None) -> str:
