@@ -140,8 +140,16 @@ class VfioDevice(Tracked):
         return core_of(self, "vdev state").state
 
 
+_dict_of = object.__getattribute__
+
+
 def core_of(vdev: object, access: str) -> Core:
     """The core fields of a live device; a freed one is a use-after-free right here."""
+    if isinstance(vdev, VfioDevice):  # the common case first: a live device
+        d = _dict_of(vdev, "__dict__")
+        mem = d.get("_kmem")
+        if mem is not None and not mem.freed:
+            return d["_vfio"]  # type: ignore[no-any-return]
     if not isinstance(vdev, VfioDevice):
         raise InvalidArgumentError(f"{access}: {vdev!r} is not a vfio_device")
     mem = mem_of(vdev)
