@@ -322,7 +322,9 @@ def _init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
         raise InvalidArgumentError("vfio_init_device: ops is NULL")
     kernel = core.kernel
     with kernel._lock:  # ida_alloc_max()
-        free = min(set(range(len(kernel.ida) + 1)) - kernel.ida.keys())
+        free = 0  # the lowest index not taken
+        while free in kernel.ida:
+            free += 1
         if free > MINORMASK:
             return -ENOSPC
         kernel.ida[free] = capture_stack()
