@@ -23,6 +23,9 @@ if TYPE_CHECKING:  # annotations only: the kernel state sits above its memory
 _T = TypeVar("_T", bound="Tracked")
 
 
+_NOT_FREED = Stack()
+
+
 @dataclass
 class Memory:
     """One allocation: what it is, and who allocated and freed it."""
@@ -31,7 +34,7 @@ class Memory:
     what: str
     alloc_stack: Stack
     alloc_pid: int = field(default_factory=getpid)
-    free_stack: Stack = field(default_factory=Stack)
+    free_stack: Stack = _NOT_FREED  # immutable: one for every live allocation
     free_pid: int = 0
     freed: bool = False
     #: Structs embedded in this memory: their _kfree hooks run when it is freed.
