@@ -269,8 +269,12 @@ def _counts(core: Core) -> tuple[int, int]:
 
 def _trace(core: Core, op: str, kref: tuple[int, int] | None = None,
            reg: tuple[int, int] | None = None, detail: str = "") -> None:
-    core.kernel.trace.record(core.kernel.jiffies(), core.name, op, kref=kref, refcount=reg,
-                             open_count=core.open_count, detail=detail)
+    kernel = core.kernel
+    if kref is None and reg is None and not detail:  # the Event's defaults: fewer keywords
+        kernel.trace.record(kernel.jiffies(), core.name, op, open_count=core.open_count)
+        return
+    kernel.trace.record(kernel.jiffies(), core.name, op, kref=kref, refcount=reg,
+                        open_count=core.open_count, detail=detail)
 
 
 _V = TypeVar("_V", bound="VfioDevice")
