@@ -205,8 +205,7 @@ class Kernel:
 
     def jiffies(self) -> int:
         """The emulated time: it passes only while the kernel waits (see advance())."""
-        with self._lock:
-            return self._work_now
+        return self._work_now  # one read of an int, atomic: no lock needed
 
     def set_jiffies(self, now: int) -> None:
         """Let emulated time reach `now` (the scheduler's: when no task can run)."""

@@ -11,17 +11,19 @@ is KASAN's double-free.  kzalloc() returns None (NULL) when failslab fails it.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from vfio_emu.errors import InvalidArgumentError, KasanDoubleFree, KasanUseAfterFree
-from vfio_emu.stack import Stack, caller_stack, capture_stack
+from vfio_emu.stack import Stack, caller_stack, capture_stack, getpid
 
 if TYPE_CHECKING:  # annotations only: the kernel state sits above its memory
     from vfio_emu.linux.kernel import Kernel
 
 _T = TypeVar("_T", bound="Tracked")
+
+
+_NOT_FREED = Stack()
 
 
 @dataclass
@@ -31,8 +33,8 @@ class Memory:
     kernel: Kernel
     what: str
     alloc_stack: Stack
-    alloc_pid: int = field(default_factory=os.getpid)
-    free_stack: Stack = field(default_factory=Stack)
+    alloc_pid: int = field(default_factory=getpid)
+    free_stack: Stack = _NOT_FREED  # immutable: one for every live allocation
     free_pid: int = 0
     freed: bool = False
     #: Structs embedded in this memory: their _kfree hooks run when it is freed.
@@ -51,7 +53,30 @@ def mem_of(obj: object) -> Memory | None:
 
 
 class Tracked:
-    """Base of every struct the emulated kernel allocates: poisoned once freed."""
+    """Base of every struct the emulated kernel allocates: poisoned once freed.
+
+    A live struct pays nothing for KASAN: kfree() switches the struct (and the structs
+    embedded in it) to a poisoned twin of its class - same name, same module, a subclass,
+    so isinstance() and every report read the same - whose attribute hooks report any
+    access but a dunder one.
+    """
+
+    if TYPE_CHECKING:  # a struct's fields are the driver's: any attribute goes
+        def __getattribute__(self, name: str) -> Any: ...
+        def __setattr__(self, name: str, value: Any) -> None: ...
+
+    def _kzalloc(self, kernel: Kernel) -> None:
+        """Hook: set up what the zeroed struct holds (e.g. counters in the arena)."""
+
+    def _kfree(self) -> None:
+        """Hook: give back what the struct held."""
+
+
+class _Poisoned(Tracked):
+    """Freed memory: every attribute access but a dunder one is KASAN's report.  kfree()
+    makes a struct's class its poisoned twin, a subclass of this and of its class."""
+
+    __slots__ = ()
 
     def __getattribute__(self, name: str) -> Any:
         mem = mem_of(self)
@@ -71,11 +96,25 @@ class Tracked:
             use_after_free(self, f"write of {type(self).__name__}.{name}")
         object.__delattr__(self, name)
 
-    def _kzalloc(self, kernel: Kernel) -> None:
-        """Hook: set up what the zeroed struct holds (e.g. counters in the arena)."""
 
-    def _kfree(self) -> None:
-        """Hook: give back what the struct held."""
+#: Each struct class's poisoned twin, made on its first kfree.
+_TWINS: dict[type, type] = {}
+
+
+def _poison(obj: object) -> None:
+    """Switch a struct being freed to its class's poisoned twin: named as its class, in its
+    module, a subclass of it (isinstance() holds, reports read the same), with _Poisoned's
+    hooks ahead of the class's own."""
+    cls = type(obj)
+    if issubclass(cls, _Poisoned):
+        return
+    twin = _TWINS.get(cls)
+    if twin is None:
+        meta: Any = type(cls)  # type, or the struct's own metaclass
+        twin = _TWINS[cls] = meta(cls.__name__, (_Poisoned, cls), {
+            "__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__})
+    object.__setattr__(obj, "__class__", twin)
 
 
 def use_after_free(obj: object, access: str) -> NoReturn:
@@ -142,8 +181,11 @@ def kfree(obj: Tracked) -> None:
     for inner in mem.embedded:
         object.__getattribute__(inner, "_kfree")()
     mem.freed = True
+    _poison(obj)
+    for inner in mem.embedded:
+        _poison(inner)
     mem.free_stack = capture_stack()
-    mem.free_pid = os.getpid()
+    mem.free_pid = getpid()
     mem.obj = None
     mem.kernel.allocations.pop(id(obj), None)
     mem.kernel.preempt(f"kfree {mem.what}")

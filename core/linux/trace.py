@@ -7,10 +7,10 @@ primitives: a Kref.get()/put() on its own stays one C call.
 
 from __future__ import annotations
 
-import os
-import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Protocol
+
+from vfio_emu.stack import getpid
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,37 @@ class Event:
         return asdict(self)
 
 
+def _direct_init(cls: type) -> None:
+    """Give a frozen dataclass an __init__ that stores its fields straight into the new
+    instance's __dict__ - the same parameters, defaults and result as the generated one,
+    without its object.__setattr__() call per field (the trace makes an Event on every
+    transition).  A class with anything else to initialise keeps its generated __init__."""
+    params: list[str] = []
+    stores: list[str] = []
+    defaults: dict[str, Any] = {}
+    for f in fields(cls):
+        if not f.init or f.kw_only or f.default_factory is not MISSING:
+            return
+        if f.default is MISSING:
+            params.append(f.name)
+        else:
+            defaults[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+        stores.append(f"    d[{f.name!r}] = {f.name}\n")
+    if hasattr(cls, "__post_init__"):
+        return
+    ns: dict[str, Any] = {}
+    exec(f"def __init__(self, {', '.join(params)}):\n    d = self.__dict__\n"
+         + "".join(stores), defaults, ns)
+    init = ns["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__annotations__ = dict(getattr(vars(cls).get("__init__"), "__annotations__", {}))
+    cls.__init__ = init  # type: ignore[misc]
+
+
+_direct_init(Event)
+
+
 class Switch(Protocol):
     """What the trace tells of each event under a scheduler (linux.sched.Scheduler)."""
 
@@ -62,15 +93,13 @@ class Trace:
 
     events: list[Event] = field(default_factory=list)
     sched: Switch | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, jiffies: int, device: str, op: str, **fields: Any) -> Event:
         sched = self.sched
         if sched is not None:
             fields["task"] = sched.current_name()
-        event = Event(jiffies, os.getpid(), device, op, **fields)
-        with self._lock:
-            self.events.append(event)
+        event = Event(jiffies, getpid(), device, op, **fields)
+        self.events.append(event)  # one append: atomic, so threads need no lock
         if sched is not None:
             sched.preempt(op)
         return event

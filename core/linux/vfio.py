@@ -28,7 +28,7 @@ from vfio_emu.linux.kernel import MINORMASK, Kernel
 from vfio_emu.linux.mutex import Mutex
 from vfio_emu.linux.slab import Tracked, kfree, kvfree, kzalloc, mem_of, use_after_free
 from vfio_emu.shm.refcount import Kref, Refcount
-from vfio_emu.stack import Stack, caller_stack, capture_stack
+from vfio_emu.stack import Stack, caller_stack, capture_stack, getpid
 
 
 class State(enum.Enum):
@@ -141,8 +141,16 @@ class VfioDevice(Tracked):
         return core_of(self, "vdev state").state
 
 
+_dict_of = object.__getattribute__
+
+
 def core_of(vdev: object, access: str) -> Core:
     """The core fields of a live device; a freed one is a use-after-free right here."""
+    if isinstance(vdev, VfioDevice):  # the common case first: a live device
+        d = _dict_of(vdev, "__dict__")
+        mem = d.get("_kmem")
+        if mem is not None and not mem.freed:
+            return d["_vfio"]  # type: ignore[no-any-return]
     if not isinstance(vdev, VfioDevice):
         raise InvalidArgumentError(f"{access}: {vdev!r} is not a vfio_device")
     mem = mem_of(vdev)
@@ -253,8 +261,12 @@ def _counts(core: Core) -> tuple[int, int]:
 
 def _trace(core: Core, op: str, kref: tuple[int, int] | None = None,
            reg: tuple[int, int] | None = None, detail: str = "") -> None:
-    core.kernel.trace.record(core.kernel.jiffies(), core.name, op, kref=kref, refcount=reg,
-                             open_count=core.open_count, detail=detail)
+    kernel = core.kernel
+    if kref is None and reg is None and not detail:  # the Event's defaults: fewer keywords
+        kernel.trace.record(kernel.jiffies(), core.name, op, open_count=core.open_count)
+        return
+    kernel.trace.record(kernel.jiffies(), core.name, op, kref=kref, refcount=reg,
+                        open_count=core.open_count, detail=detail)
 
 
 _V = TypeVar("_V", bound="VfioDevice")
@@ -306,7 +318,9 @@ def _init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
         raise InvalidArgumentError("vfio_init_device: ops is NULL")
     kernel = core.kernel
     with kernel._lock:  # ida_alloc_max()
-        free = min(set(range(len(kernel.ida) + 1)) - kernel.ida.keys())
+        free = 0  # the lowest index not taken
+        while free in kernel.ida:
+            free += 1
         if free > MINORMASK:
             return -ENOSPC
         kernel.ida[free] = capture_stack()
@@ -342,7 +356,7 @@ def get_device(vdev: VfioDevice) -> VfioDevice:
     core = core_of(vdev, "get_device")
     before = core.kref.read()
     core.kref.get()
-    core.holders.append((os.getpid(), capture_stack()))
+    core.holders.append((getpid(), capture_stack()))
     _trace(core, "get_device", kref=(before, core.kref.read()))
     return vdev
 
@@ -636,7 +650,7 @@ class DeviceFile:
     def __init__(self, vdev: VfioDevice, kernel: Kernel) -> None:
         self.vdev = vdev
         self.kernel = kernel
-        self.pid = os.getpid()
+        self.pid = getpid()
         self.open_stack = capture_stack()
         self.closed = False
         self._lock = threading.Lock()

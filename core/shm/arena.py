@@ -435,9 +435,12 @@ class Arena:
             raise InvalidArgumentError(f"label must be a str, not {type(label).__name__}")
         if label and "\0" in label:
             raise InvalidArgumentError(f"label {label!r} contains a NUL character")
-        # Cut to the slot's field on a character boundary, so every reader decodes the same.
-        raw = (label or "").encode("utf-8", "replace")[: C.LABEL_MAX - 1]
-        raw = raw.decode("utf-8", "ignore").encode()
+        if label and label.isascii() and len(label) < C.LABEL_MAX:
+            raw = label.encode()  # fits as it is (the common case)
+        else:
+            # Cut to the slot's field on a character boundary, so every reader decodes the same.
+            raw = (label or "").encode("utf-8", "replace")[: C.LABEL_MAX - 1]
+            raw = raw.decode("utf-8", "ignore").encode()
         h = C.new("vfio_handle_t *")
         rc = C.slot_alloc(self._ptr, cls.KIND, raw, h)
         if rc == C.E_FULL:

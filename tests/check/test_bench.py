@@ -97,6 +97,22 @@ def test_targets_are_ratios_of_figures_of_the_same_run():
     assert "1.30 (target <= 1: not met)" in missed
     assert "multiprocessing.Value" not in missed  # a peer not measured gives no line
     assert "2.22 (target <= 1.3: not met)" in missed
+    assert "cycle" not in met + missed  # no cycle measured, no cycle line
+
+
+def test_the_cycle_target_is_stated_per_cycle_figure_as_a_ratio_to_the_no_op():
+    def fig(key: str, ns: float) -> bench.Figure:
+        return bench.Figure(key, key, "g", "cycle", [ns, ns, ns])
+
+    lines = bench.targets([fig("noop", 100), fig("noop_last", 110), fig("cycle_direct", 65_000),
+                           fig("cycle_pci", 72_000), fig("cycle_pci_10_observers", 90_000)
+                           ]).splitlines()
+    assert lines == [
+        "probe -> open -> close -> remove -> release -> free, ops called directly / the cffi "
+        "no-op: 650 (target <= 700: met)",
+        "probe -> open -> close -> remove -> release -> free, through pci / the cffi no-op: "
+        "720 (target <= 700: not met)"]
+    assert bench.targets([fig("cycle_direct", 65_000)]) == ""  # no no-op, no ratio
 
 
 def test_the_driver_benchmark_in_docs_bench_md_runs_and_records_its_ratio(pytester):

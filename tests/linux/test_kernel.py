@@ -51,6 +51,51 @@ def test_trace_records_every_transition_in_order_with_its_counters(make_kernel, 
     assert_clean(k)
 
 
+def test_an_event_is_made_as_its_frozen_dataclass_would_make_it():
+    """Event's __init__ stores its fields directly (speed): same parameters, defaults,
+    errors, equality, hash and immutability as the dataclass' own - for any fields."""
+    import dataclasses
+    import inspect
+
+    from vfio_emu.linux.trace import Event, _direct_init
+
+    @dataclasses.dataclass(frozen=True)
+    class Generated:
+        jiffies: int
+        pid: int
+        device: str
+        op: str
+        kref: tuple[int, int] | None = None
+        refcount: tuple[int, int] | None = None
+        open_count: int | None = None
+        detail: str = ""
+        actor: str = "-"  # a field added later is picked up
+
+    @dataclasses.dataclass(frozen=True)
+    class Direct(Generated):
+        pass
+
+    _direct_init(Direct)
+    assert Direct.__init__ is not Generated.__init__
+    assert inspect.signature(Direct) == inspect.signature(Generated)
+    assert [p.name for p in inspect.signature(Event).parameters.values()][:4] == [
+        "jiffies", "pid", "device", "op"]
+    for args, kwargs in (((1, 2, "vfio0", "op"), {}),
+                         ((1, 2, "vfio0", "op"), {"kref": (0, 1), "detail": "x"}),
+                         ((1, 2, "vfio0", "op", None, (1, 0), 3, "d", "me"), {})):
+        a, b = Generated(*args, **kwargs), Direct(*args, **kwargs)
+        assert dataclasses.asdict(a) == dataclasses.asdict(b) and hash(a) == hash(b)
+        assert repr(a).replace("Generated", "Direct") == repr(b)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            b.op = "changed"  # type: ignore[misc]
+    for bad_args, bad_kwargs in (((1, 2, "vfio0"), {}), ((1, 2, "vfio0", "op"), {"x": 1})):
+        with pytest.raises(TypeError) as gen_err:
+            Generated(*bad_args, **bad_kwargs)
+        with pytest.raises(TypeError) as dir_err:
+            Direct(*bad_args, **bad_kwargs)
+        assert str(dir_err.value) == str(gen_err.value).replace("Generated", "Direct")
+
+
 # -- the delayed-release worker ------------------------------------------------------------
 
 def test_a_delayed_release_that_raises_an_unreported_error_is_reported(make_kernel):

@@ -164,3 +164,49 @@ def test_kfree_of_memory_kzalloc_did_not_allocate_is_invalid(make_kernel):
         with pytest.raises(InvalidArgumentError, match="was not allocated by kzalloc"):
             kfree(obj)
     assert k.reports == []
+
+
+# -- the poisoned twin: a freed struct's class ------------------------------------------------
+
+class WithMeta(Tracked, metaclass=type("Meta", (type,), {})):
+    """A struct whose class has a metaclass of its own."""
+
+
+def test_a_freed_struct_keeps_its_class_name_module_isinstance_and_repr(make_kernel):
+    k = make_kernel()
+    buf = kzalloc(k, Buf)
+    buf.len = 3
+    live = type(buf)
+    assert live is Buf and "__getattribute__" not in vars(Tracked)  # live: no hook at all
+    kfree(buf)
+    freed = type(buf)
+    assert freed is not Buf and issubclass(freed, Buf) and isinstance(buf, Buf)
+    assert (freed.__name__, freed.__qualname__, freed.__module__) == (
+        Buf.__name__, Buf.__qualname__, Buf.__module__)
+    assert repr(buf).startswith(f"<{Buf.__module__}.{Buf.__qualname__} object at ")
+    assert buf.__dict__["len"] == 3  # a dunder read is not a use (nor is the memory lost)
+    other = kzalloc(k, Buf)
+    kfree(other)
+    assert type(other) is freed  # one twin per class
+    with pytest.raises(KasanUseAfterFree, match=r"read of Buf\.len"):
+        _ = buf.len
+    assert [r.title for r in k.reports] == ["BUG: KASAN: use-after-free in read of Buf.len"]
+
+
+def test_a_struct_with_its_own_metaclass_is_poisoned_too(make_kernel):
+    k = make_kernel()
+    obj = kzalloc(k, WithMeta)
+    inner = embedded(obj, Inner)
+    kfree(obj)
+    assert type(type(obj)) is type(WithMeta) and isinstance(obj, WithMeta)
+    with pytest.raises(KasanUseAfterFree, match=r"write of WithMeta\.x"):
+        obj.x = 1
+    with pytest.raises(KasanUseAfterFree, match=r"read of Inner\.y"):
+        _ = inner.y
+
+
+def test_a_struct_never_kzallocd_is_never_checked(make_kernel):
+    buf = Buf()
+    buf.len = 1
+    del buf.len
+    assert type(buf) is Buf
