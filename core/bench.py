@@ -10,11 +10,13 @@ API a driver author benchmarks their own code with.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import multiprocessing
 import os
 import platform
+import random
 import statistics
 import threading
 import time
@@ -27,6 +29,8 @@ from vfio_emu import __version__
 from vfio_emu.check.scenarios import PCI_NAME, PciOps
 from vfio_emu.check.scenarios import probe as generic_probe
 from vfio_emu.check.scenarios import remove as generic_remove
+from vfio_emu.check.verdict import Mode
+from vfio_emu.explore import RACES, RandomWalk, run_race
 from vfio_emu.linux.kernel import Kernel
 from vfio_emu.linux.vfio import vfio_group_get_device_fd
 from vfio_emu.plugins.hookspecs import hookimpl
@@ -352,10 +356,31 @@ def _hammer(procs: int, shared: bool, n: int, rounds: int) -> list[float]:
 
 # -- the whole run, its output and the regression gate -----------------------------------
 
+# -- exploration ---------------------------------------------------------------------------
+
+def exploration(quick: bool, rounds: int) -> list[Figure]:
+    """One random schedule of each of a driver's races in turn (vfio-emu explore's unit of
+    work, in this process): how many schedules a second the explorer gets through."""
+    out = []
+    per = 5 if quick else 20
+    for name in ("pci", "mtty", "ap", "ccw"):
+        driver = Plugins(builtins=(f"vfio_emu.plugins.{name}",), load_entrypoints=False
+                         ).driver(name)
+        races = itertools.cycle(list(RACES.values()))
+        rng = random.Random(0)
+
+        def one(driver: Any = driver, races: Any = races, rng: random.Random = rng) -> None:
+            run_race(driver, next(races), Mode(), policy=RandomWalk(rng))
+        label = f"one random schedule of one of {name}'s races (each in turn), judged"
+        out.append(Figure(f"explore_{name}", label, "explore", "schedule",
+                          measure(one, per=per, rounds=max(rounds // 3, 3))))
+    return out
+
+
 def run(quick: bool = False) -> list[Figure]:
     per, rounds = (500, 7) if quick else (2000, 21)
     figures = primitives(per, rounds) + release_paths(per, rounds) + scaling(quick, per, rounds)
-    return figures
+    return figures + exploration(quick, rounds)
 
 
 def baseline_of(figures: Sequence[Figure]) -> float:
@@ -406,6 +431,11 @@ def targets(figures: Sequence[Figure]) -> str:
             lines.append(f"probe -> open -> close -> remove -> release -> free, {CYCLES[f.key]} "
                          f"/ the cffi no-op: {r:.0f} (target <= {CYCLE_TARGET}: "
                          f"{'met' if r <= CYCLE_TARGET else 'not met'})")
+    rates = [f"{f.key[8:]} {1e9 / f.median:.0f}" for f in figures
+             if f.key.startswith("explore_") and f.samples]
+    if rates:
+        lines.append("explore, random schedules a second in one process (one worker): "
+                     + ", ".join(rates))
     return "\n".join(lines)
 
 

@@ -2,8 +2,9 @@
 
 One track (thread) per task, in one process: each kernel transition is a
 slice on the track of the task that made it; the object count, registration
-count and open count of each device are counters; WARN, KASAN and hang
-reports are instants across every track.  Time is logical - each transition
+count and open count of each device are counters; WARN, KASAN, hang and
+other findings are instants across every track (the kernel's notices stay on
+their task's).  Time is logical - each transition
 takes one tick of 10 µs - because emulated time only moves while the kernel
 waits: the jiffies of each slice are in its args.
 
@@ -46,8 +47,10 @@ def chrome_trace(events: Iterable[Event], title: str = "vfio-emu") -> dict[str, 
         ts = i * TICK_US
         tid = tid_of(e.task)
         if e.op.startswith("report: "):
-            out.append({"ph": "i", "s": "g", "name": f"{e.op[8:]}: {e.detail}", "cat": "report",
-                        "ts": ts, "pid": PID, "tid": tid})
+            kind = e.op[8:]  # a finding marks every track; the kernel's notices, their own
+            out.append({"ph": "i", "s": "t" if kind == "info" else "g",
+                        "name": f"{kind}: {e.detail}", "cat": "report", "ts": ts, "pid": PID,
+                        "tid": tid})
             continue
         args: dict[str, Any] = {"jiffies": e.jiffies, "device": e.device}
         if e.detail:
