@@ -146,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 _STATUS_WIDTH = 5
-_FOLD = re.compile(r'  File "[^"]*(?:/pluggy/|/vfio_emu/|/core/(?:linux|shm|check)/|'
+_FOLD = re.compile(r'  File "[^"]*(?:/pluggy/|/vfio_emu/|/core/(?:linux|shm|check|explore)/|'
                    r'/plugins/manager\.py|/threading\.py)[^"]*", line \d+, in .*\n(?:    .*\n)?')
 
 

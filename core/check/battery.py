@@ -314,8 +314,7 @@ def _one(driver: Driver, name: str, body: Callable[[Driver, Kernel], Any], mode:
                 error = error or e
             verdict.reports = [r for r in kernel.findings() + kernel.leak_check() + extra
                                if r.kind != "info"]
-            verdict.timeline = [_ADDRESS.sub("@…", _TASK.sub("python:N", _PID.sub("", str(e))))
-                                for e in kernel.trace.events]
+            verdict.timeline = [timeline_line(e) for e in kernel.trace.events]
     except Exception as e:  # module init, or the kernel's close
         error = error or e
     return _judge(driver, verdict, error, not_applicable)
@@ -325,6 +324,11 @@ def _one(driver: Driver, name: str, body: Callable[[Driver, Kernel], Any], mode:
 _PID = re.compile(r" pid \d+ +")
 _TASK = re.compile(r"python:\d+")  # the hung-task line names the process
 _ADDRESS = re.compile(r"@0x[0-9a-f]+")
+
+
+def timeline_line(event: object) -> str:
+    """An event as a verdict's timeline shows it: the same for two runs of one seed."""
+    return _ADDRESS.sub("@…", _TASK.sub("python:N", _PID.sub(" ", str(event))))
 
 
 def phase_of(name: str) -> str:

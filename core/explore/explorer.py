@@ -16,6 +16,7 @@ budget makes how many run depend on the machine.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import pickle
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from vfio_emu.check.battery import _one
+from vfio_emu.check.battery import _one, timeline_line
 from vfio_emu.check.verdict import FAIL, KNOWN, NOT_APPLICABLE, Mode, Verdict
 from vfio_emu.errors import EmulatorError, InvalidArgumentError
 from vfio_emu.explore.scenarios import RACES, Race
@@ -116,6 +117,9 @@ def run_race(driver: Driver, race: Race, mode: Mode, seed: int = 0,
                       list(got.get("events", [])),
                       [t.name for t in sched.tasks] if sched is not None else [])
     verdict.schedule = str(outcome.schedule)
+    # every line names its task: the setup's and teardown's are main's
+    verdict.timeline = [timeline_line(dataclasses.replace(e, task=e.task or "main"))
+                        for e in outcome.events]
     _mark_known(driver, race, verdict, mode)
     return outcome
 
