@@ -104,6 +104,9 @@ class Scheduler:
         self._hang: Report | None = None  # why, when it is a hang
         self._policy_error: BaseException | None = None  # the policy failed: run() raises it
         self._running = False
+        #: preempt_disable() depth: while > 0 the running task is not switched out at
+        #: switch points (the model's own atomic steps, e.g. kfree()).
+        self.atomic = 0
 
     # -- setting up -----------------------------------------------------------------
 
@@ -167,6 +170,8 @@ class Scheduler:
         if self._aborting:
             if self._hang is not None:
                 raise HangError(self._hang)
+            return
+        if self.atomic:
             return
         self.steps += 1
         if self.steps > self.max_steps:

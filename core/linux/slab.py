@@ -177,13 +177,20 @@ def kfree(obj: Tracked) -> None:
                     (f"Allocated by task {mem.alloc_pid}", mem.alloc_stack),
                     (f"Freed by task {mem.free_pid}", mem.free_stack)))
         raise KasanDoubleFree(rep)
-    object.__getattribute__(obj, "_kfree")()
-    for inner in mem.embedded:
-        object.__getattribute__(inner, "_kfree")()
-    mem.freed = True
-    _poison(obj)
-    for inner in mem.embedded:
-        _poison(inner)
+    sched = mem.kernel.sched
+    if sched is not None:
+        sched.atomic += 1  # kfree() never sleeps: no task sees the struct half freed
+    try:
+        object.__getattribute__(obj, "_kfree")()
+        for inner in mem.embedded:
+            object.__getattribute__(inner, "_kfree")()
+        mem.freed = True
+        _poison(obj)
+        for inner in mem.embedded:
+            _poison(inner)
+    finally:
+        if sched is not None:
+            sched.atomic -= 1
     mem.free_stack = capture_stack()
     mem.free_pid = getpid()
     mem.obj = None
