@@ -18,6 +18,8 @@ from vfio_emu.explore.strategy import RandomWalk, Replay, dfs
 from vfio_emu.linux.kernel import Kernel
 from vfio_emu.linux.mutex import Mutex
 from vfio_emu.linux.sched import Decision, Scheduler
+from vfio_emu.linux.slab import kfree
+from vfio_emu.linux.vfio import vfio_unregister_group_dev
 
 
 def run_tasks(kernel: Kernel, tasks: list[tuple[str, Callable[[], Any]]],
@@ -322,3 +324,14 @@ def test_outside_a_scheduler_the_last_put_releases_on_the_caller_as_before(make_
     assert ops.calls[-1] == "release"
     assert ops.release_threads == ["MainThread"]
     assert kernel.sched is None
+
+
+def test_kfree_is_atomic_no_task_sees_a_struct_half_freed(make_kernel):
+    kernel = make_kernel()
+    victim, _ = probe(kernel)
+    vfio_unregister_group_dev(victim)
+    sched = run_tasks(kernel, [("free", lambda: kfree(victim)),
+                               ("other", lambda: kernel.preempt("step"))])
+    ops = [d.op for d in sched.decisions]
+    assert "kfree" not in ops  # the trace record inside the free is no switch point
+    assert any(op.startswith("kfree Priv@") for op in ops)  # after it, there is one
