@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -381,3 +382,9 @@ def test_every_builtin_driver_gets_through_every_race_in_both_orders_without_a_n
 
 
 
+
+
+def test_the_python_example_in_docs_explore_md_runs():
+    text = (Path(__file__).parents[2] / "docs" / "explore.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "docs/explore.md", "exec"), {})
