@@ -23,6 +23,7 @@ import pickle
 import random
 import re
 import select
+import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -325,7 +326,7 @@ def _isolated(fn: Callable[[], Outcome]) -> Outcome | str:
     errors: list[str] = []
     _fork_all([lambda emit: emit(("value", fn()))], lambda msg: results.append(msg[1]),
               errors.append)
-    return results[0] if results else (errors or ["the run gave no result"])[0]
+    return results[0] if results else (errors or ["the run ended without a result"])[0]
 
 
 def _run_workers(result: Exploration, workers: list[Callable[[Callable[..., None]], None]],
@@ -399,9 +400,14 @@ def _fork_all(workers: list[Callable[[Callable[..., None]], None]],
                     os.close(fd)
                     del children[fd]
                     _, status = os.waitpid(pid, 0)
-                    if os.WIFSIGNALED(status) and not stop:
-                        on_error(f"a worker died of signal {os.WTERMSIG(status)} (the driver "
-                                 "crashed the interpreter?)")
+                    if stop:
+                        continue
+                    if os.WIFSIGNALED(status):
+                        on_error(f"a worker died of {signal.Signals(os.WTERMSIG(status)).name} "
+                                 "(the driver crashed the interpreter)")
+                    elif os.WEXITSTATUS(status) not in (0, 3):  # 3: it said why itself
+                        on_error(f"a worker died (exit status {os.WEXITSTATUS(status)}) without "
+                                 "a result (a runtime, e.g. a sanitizer, ended it)")
     finally:
         for fd, (pid, _) in children.items():
             _kill(pid)

@@ -349,7 +349,7 @@ class CrashesOnClose(FreesRegionsAfterUnregister):
 def test_a_driver_that_crashes_the_interpreter_costs_a_worker_not_the_explorer():
     r = explore(driver_of(CrashesOnClose()), "close vs remove", V61, budget=3)
     assert not r.passed
-    assert "SIGSEGV" in r.errors[0] or "signal 11" in r.errors[0]
+    assert r.errors[0].startswith("a worker died")  # of SIGSEGV; under ASan, its exit status
 
 
 def test_a_race_that_does_not_apply_is_not_applicable():
