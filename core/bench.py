@@ -513,7 +513,7 @@ def mann_whitney_p(a: Sequence[float], b: Sequence[float]) -> float:
     return math.erfc(z / math.sqrt(2))
 
 
-def svg(figures: Sequence[Figure], path: str) -> None:
+def _chart(figures: Sequence[Figure]) -> Any:
     """A bar chart of the ratios to the no-op, log scale (pygal: pure Python, SVG out)."""
     import pygal
 
@@ -524,7 +524,27 @@ def svg(figures: Sequence[Figure], path: str) -> None:
     shown = [f for f in figures if f.samples]
     chart.x_labels = [f.label for f in shown]
     chart.add("x no-op", [round(f.ratio(base), 3) for f in shown])
-    chart.render_to_file(path)
+    return chart
+
+
+def svg(figures: Sequence[Figure], path: str) -> None:
+    """The chart as SVG."""
+    _chart(figures).render_to_file(path)
+
+
+def png(figures: Sequence[Figure], path: str) -> None:
+    """The chart as PNG (pygal renders it through cairosvg, which needs the cairo library)."""
+    _chart(figures).render_to_png(path)
+
+
+def png_unavailable() -> str:
+    """Why --png cannot work here ("" if it can): pygal, cairosvg, or cairo itself missing."""
+    try:
+        import cairosvg  # noqa: F401 - it loads libcairo as it is imported
+        import pygal  # noqa: F401
+    except (ImportError, OSError) as e:
+        return f"{type(e).__name__}: {e}"
+    return ""
 
 
 def write_json(figures: Sequence[Figure], path: str) -> dict[str, Any]:

@@ -444,6 +444,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("vfio-emu bench: --svg needs pygal (pip install 'vfio-emu[bench]')",
               file=sys.stderr)
         return 2
+    why = bench.png_unavailable() if args.png else ""
+    if why:
+        print(f"vfio-emu bench: --png needs pygal and cairosvg with the cairo library "
+              f"(pip install 'vfio-emu[png]'): {why}", file=sys.stderr)
+        return 2
     figures = bench.run(quick=args.quick)
     print(bench.table(figures))
     summary = bench.targets(figures)
@@ -457,6 +462,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.svg:
         bench.svg(figures, args.svg)
         print(f"written: {args.svg}")
+    if args.png:
+        bench.png(figures, args.png)
+        print(f"written: {args.png}")
     if args.compare:
         try:
             with open(args.compare) as f:
@@ -523,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="fewer rounds and sizes (a smoke test)")
     b.add_argument("--json", metavar="FILE", help="write the run (pytest-benchmark layout)")
     b.add_argument("--svg", metavar="FILE", help="draw the ratios as a chart (needs pygal)")
+    b.add_argument("--png", metavar="FILE",
+                   help="the same chart as PNG (needs pygal, cairosvg and the cairo library)")
     b.add_argument("--compare", metavar="BASELINE.json",
                    help="compare with a saved --json run; exit 1 if a figure got slower")
     b.add_argument("--fail-above", type=float, default=10.0, metavar="PCT",

@@ -134,3 +134,26 @@ def test_svg_without_pygal_is_refused_before_anything_is_measured(tmp_path, caps
     assert main(["bench", "--svg", str(tmp_path / "run.svg")]) == 2
     assert "needs pygal" in capsys.readouterr().err
     assert ran == [] and not (tmp_path / "run.svg").exists()
+
+
+def test_the_chart_as_png_where_cairo_is_there_and_a_clear_refusal_where_it_is_not(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run", lambda quick=False: bench.primitives(per=10, rounds=2))
+    out = tmp_path / "run.png"
+    code = main(["bench", "--quick", "--png", str(out)])
+    if bench.png_unavailable():
+        assert code == 2 and "--png needs pygal and cairosvg" in capsys.readouterr().err
+        assert not out.exists()
+    else:
+        assert code == 0
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_png_without_cairo_is_refused_before_anything_is_measured(tmp_path, capsys,
+                                                                  monkeypatch):
+    ran = []
+    monkeypatch.setattr(bench, "run", lambda quick=False: ran.append(quick) or [])
+    monkeypatch.setattr(bench, "png_unavailable", lambda: "OSError: no library called cairo")
+    assert main(["bench", "--png", str(tmp_path / "run.png")]) == 2
+    assert "no library called cairo" in capsys.readouterr().err
+    assert ran == []
