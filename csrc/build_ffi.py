@@ -107,6 +107,8 @@ int vfio_warn_set_stack(vfio_arena_t *a, uint64_t first, const char *stack);
 
 FAST = """
 int64_t vfio_noop_gil(vfio_handle_t *h);
+/* pyref.c: the type whose bound methods are Kref.get and Kref.put */
+uintptr_t vfio_refops_type(void);
 
 /* refcount.c */
 int64_t vfio_refcount_set(vfio_handle_t *h, int32_t n);
@@ -149,6 +151,8 @@ KEEP_GIL = """
 
 /* The no-op again, GIL kept: shows what the crossing costs without the release. */
 static int64_t vfio_noop_gil(vfio_handle_t *h) { (void)h; return 0; }
+
+#include "pyref.c"
 """
 
 
@@ -161,7 +165,7 @@ SANITIZE_FLAGS = ([f"-fsanitize={SANITIZE}", "-fno-sanitize-recover=all",
 
 
 def _builder(module: str, functions: str, preamble: str = "",
-             include: FFI | None = None) -> FFI:
+             include: FFI | None = None, defines: tuple[str, ...] = ()) -> FFI:
     builder = FFI()
     if include is None:
         builder.cdef(TYPES)
@@ -173,10 +177,10 @@ def _builder(module: str, functions: str, preamble: str = "",
         '#include "vfio_emu.h"\n' + preamble,
         sources=[os.path.join("csrc", name) for name in SOURCES],
         include_dirs=["csrc"],
-        depends=["csrc/vfio_emu.h", "csrc/build_ffi.py"],
-        extra_compile_args=["-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall", "-Wextra",
-                            "-Wno-unused-parameter", "-Werror=implicit-function-declaration",
-                            *SANITIZE_FLAGS],
+        depends=["csrc/vfio_emu.h", "csrc/build_ffi.py", "csrc/pyref.c"],
+        extra_compile_args=[*defines, "-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall",
+                            "-Wextra", "-Wno-unused-parameter",
+                            "-Werror=implicit-function-declaration", *SANITIZE_FLAGS],
         extra_link_args=SANITIZE_FLAGS,
         libraries=["rt"],
     )
@@ -186,4 +190,6 @@ def _builder(module: str, functions: str, preamble: str = "",
 #: The standard cffi build: every call releases the GIL.
 ffibuilder = _builder("vfio_emu.shm._core", CORE)
 #: The hot path: refcount_t and non-sleeping completion calls, GIL kept.
-fastbuilder = _builder("vfio_emu.shm._fast", FAST, KEEP_GIL, include=ffibuilder)
+#: Its RefOps type (pyref.c) uses the stable ABI of 3.10 (METH_FASTCALL), not cffi's 3.2.
+fastbuilder = _builder("vfio_emu.shm._fast", FAST, KEEP_GIL, include=ffibuilder,
+                       defines=("-DPy_LIMITED_API=0x030A0000",))

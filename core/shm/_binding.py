@@ -9,6 +9,7 @@ GIL (see csrc/build_ffi.py).
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 from vfio_emu.shm._core import ffi, lib
@@ -85,6 +86,15 @@ slot_churn: Any = lib.vfio_slot_churn
 handle_open: Any = lib.vfio_handle_open
 noop: Any = lib.vfio_noop
 noop_gil: Any = fast.vfio_noop_gil
+
+#: RefOps(address, handle, slow, put_slow): the C type whose bound get/put are a Kref's
+#: (csrc/pyref.c).  The module hands out its address; ctypes turns that into the type.
+RefOps: Any = ctypes.cast(fast.vfio_refops_type(), ctypes.py_object).value
+
+
+def address(h: Any) -> int:
+    """A handle's address, for RefOps."""
+    return int(ffi.cast("uintptr_t", h))
 monotonic_ns: Any = lib.vfio_monotonic_ns
 
 # refcount.c

@@ -146,12 +146,19 @@ class Kref(Handle):
     function; here it may be omitted when the caller acts on put()'s result.
     """
 
-    __slots__ = ("release",)
+    __slots__ = ("get", "put", "release")
     KIND = C.KIND_KREF
+
+    #: kref_get().  (Like put, a C method bound to this kref's handle: no Python frame.)
+    get: Callable[[], None]
+    #: kref_put(release=None): 1 if this dropped the last reference and ran release, else 0.
+    put: Callable[..., int]
 
     def __init__(self, arena: Arena, h: Any, label: str, *, _key: object = None) -> None:
         super().__init__(arena, h, label, _key=_key)
         self.release: Optional[Release] = None  # noqa: UP045 - runtime annotation on 3.10
+        ops = C.RefOps(C.address(h), h, self._slow, self._put_slow)
+        self.get, self.put = ops.get, ops.put
 
     @property
     def refcount(self) -> Refcount:
@@ -170,19 +177,6 @@ class Kref(Handle):
         if r < 0:
             self._slow(r, "kref_read")
         return r  # type: ignore[no-any-return]
-
-    def get(self) -> None:
-        """kref_get()."""
-        r = _inc(self._h)
-        if r:
-            self._slow(r, "kref_get")
-
-    def put(self, release: Release | None = None) -> int:
-        """kref_put(): 1 if this dropped the last reference and ran release, else 0."""
-        r = _dec_and_test(self._h)
-        if r:
-            return self._put_slow(r, release, "kref_put")
-        return 0
 
     def get_unless_zero(self) -> int:
         """kref_get_unless_zero(): 0 if the count was already 0."""

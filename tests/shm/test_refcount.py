@@ -3,7 +3,10 @@ v6.1 per-API table, the WARN records of vfio_emu.shm.dmesg, batches."""
 
 from __future__ import annotations
 
+import gc
+import inspect
 import os
+import weakref
 
 import pytest
 
@@ -637,3 +640,28 @@ def test_warns_racing_into_a_one_record_ring_are_kept_whole_or_dropped(make_aren
             assert rec.text.split("-")[0] in "ab" and rec.object_kind == ""
         else:
             assert rec.text == TEXT[rec.kind] and rec.label == "racer"
+
+
+def test_kref_get_and_put_are_c_methods_bound_to_the_handle(arena):
+    k = arena.kref()
+    assert inspect.isbuiltin(k.get) and inspect.isbuiltin(k.put)
+    k.get()
+    assert k.read() == 2
+    assert k.put() == 0 and k.put(release=None) == 1
+
+
+def test_kref_put_refuses_what_a_python_put_would(arena):
+    k = arena.kref()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'relase'"):
+        k.put(relase=None)
+    with pytest.raises(TypeError, match="at most one argument"):
+        k.put(None, None)
+    assert k.read() == 1  # nothing moved
+
+
+def test_a_kref_no_longer_referenced_is_collected(arena):
+    k = arena.kref()
+    ref = weakref.ref(k)
+    del k
+    gc.collect()
+    assert ref() is None
