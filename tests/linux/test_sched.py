@@ -335,3 +335,23 @@ def test_kfree_is_atomic_no_task_sees_a_struct_half_freed(make_kernel):
     ops = [d.op for d in sched.decisions]
     assert "kfree" not in ops  # the trace record inside the free is no switch point
     assert any(op.startswith("kfree Priv@") for op in ops)  # after it, there is one
+
+
+def test_ctrl_c_while_the_scheduler_waits_interrupts_run(make_kernel):
+    import os
+    import signal
+    import threading
+
+    kernel = make_kernel()
+    never = threading.Event()
+
+    def stuck() -> None:  # a driver blocking on what the kernel cannot see
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: its handler runs in run()'s thread
+        never.wait()
+
+    sched = Scheduler(kernel)
+    sched.spawn(stuck, "stuck")
+    with pytest.raises(KeyboardInterrupt):
+        sched.run()
+    assert kernel.sched is None and kernel.trace.sched is None
+    never.set()
