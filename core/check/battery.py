@@ -163,11 +163,9 @@ class _Vmm:
         return result
 
 
-def fd_given_back_on_request(driver: Driver, kernel: Kernel) -> None:
-    """Remove while a VMM holds an FD that it gives back only when ops->request asks."""
-    dev = _bound(driver, kernel)
-    _open(kernel)
-    vmm = _Vmm(kernel)
+def unbind_asking(driver: Driver, kernel: Kernel, dev: Any, vmm: object) -> None:
+    """Unbind while userspace (vmm, an observer of ops->request) waits to be asked: a hang
+    of a driver with no request op is said as such."""
     with driver.observed(vmm):
         try:
             driver.unbind(kernel, dev)
@@ -176,6 +174,13 @@ def fd_given_back_on_request(driver: Driver, kernel: Kernel) -> None:
                 raise EmulatorError("unregister waits for userspace, and the driver has no "
                                     "request op to ask it") from e
             raise
+
+
+def fd_given_back_on_request(driver: Driver, kernel: Kernel) -> None:
+    """Remove while a VMM holds an FD that it gives back only when ops->request asks."""
+    dev = _bound(driver, kernel)
+    _open(kernel)
+    unbind_asking(driver, kernel, dev, _Vmm(kernel))
 
 
 def open_during_unregister(driver: Driver, kernel: Kernel) -> None:

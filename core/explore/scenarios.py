@@ -13,8 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vfio_emu.check.battery import NAME, _bound, _open
-from vfio_emu.errors import EmulatorError, ReportedError
+from vfio_emu.check.battery import NAME, _bound, _open, unbind_asking
 from vfio_emu.linux.errno import ENOMEM
 from vfio_emu.linux.kernel import Kernel
 from vfio_emu.linux.mdev import MdevDevice
@@ -90,16 +89,6 @@ def reopen_on_request(driver: Driver, kernel: Kernel) -> Tasks:
     held = [_open(kernel)]
     asked = _Requests()
 
-    def remove() -> None:
-        with driver.observed(asked):
-            try:
-                driver.unbind(kernel, dev)
-            except ReportedError as e:
-                if getattr(driver.ops, "request", None) is None and e.report.kind == "hang":
-                    raise EmulatorError("unregister waits for userspace, and the driver has "
-                                        "no request op to ask it") from e
-                raise
-
     def vmm() -> None:
         seen = 0
         sched = kernel.sched
@@ -115,7 +104,7 @@ def reopen_on_request(driver: Driver, kernel: Kernel) -> Tasks:
             if not isinstance(new, DeviceFile):
                 return
             held.append(new)
-    return [("remove", remove), ("vmm", vmm)]
+    return [("remove", lambda: unbind_asking(driver, kernel, dev, asked)), ("vmm", vmm)]
 
 
 def failed_bind_then_bind(driver: Driver, kernel: Kernel) -> Tasks:
