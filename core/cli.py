@@ -10,7 +10,7 @@ import re
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 from vfio_emu import __version__, bench
@@ -32,7 +32,7 @@ from vfio_emu.explore import RACES, Exploration, Outcome, describe, explore, rac
 from vfio_emu.explore import replay as replay_schedule
 from vfio_emu.explore.chrome import write_chrome_trace
 from vfio_emu.linux.kernel import SEMANTICS, UNREGISTER_ORDERS, Kernel
-from vfio_emu.plugins.manager import Plugins
+from vfio_emu.plugins.manager import Driver, Plugins
 from vfio_emu.report import Report
 from vfio_emu.shm.arena import Arena, segments
 
@@ -380,28 +380,32 @@ def _exploration_json(r: Exploration) -> dict[str, object]:
                       for o in r.known]}
 
 
-def _explored(driver: object, mode: Mode, args: argparse.Namespace,
-              progress: object) -> list[Verdict]:
-    """check --explore N: each race under N random schedules, as verdicts."""
+def _explored(driver: Driver, mode: Mode, args: argparse.Namespace,
+              progress: Callable[[str], None]) -> list[Verdict]:
+    """check --explore N: each race under N random schedules, one verdict a race (its first
+    failure, else its first known finding)."""
     out = []
     for race in RACES.values():
-        progress(f"{driver.name}: exploring {race.name}")  # type: ignore[attr-defined,operator]
-        r = explore(driver, race, mode, budget=args.explore, seed=args.seed)  # type: ignore[arg-type]
+        progress(f"{driver.name}: exploring {race.name}")
+        r = explore(driver, race, mode, budget=args.explore, seed=args.seed)
         name = f"explore: {race.name}"
-        found = r.failures + r.known
+        found = r.failures or r.known
         if found:
-            for o in found:
-                o.verdict.scenario = name
-                out.append(o.verdict)
+            v = found[0].verdict
+            v.scenario = name
+            if len(found) > 1:
+                more = (f"{len(found) - 1} more kind(s): `vfio-emu explore {driver.name} "
+                        f"--scenario '{race.name}'` shows them")
+                v.note = f"{v.note}; {more}" if v.note else more
         else:
-            v = Verdict(driver.name, name, mode, args.seed)  # type: ignore[attr-defined]
+            v = Verdict(driver.name, name, mode, args.seed)
             if r.not_applicable:
                 v.status, v.note = NOT_APPLICABLE, r.not_applicable
             elif r.errors:
                 v.status, v.error = FAIL, r.errors[0].splitlines()[0]
             else:
                 v.note = f"{r.runs} schedules, {len(r.states)} distinct timelines"
-            out.append(v)
+        out.append(v)
     return out
 
 
