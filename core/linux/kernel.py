@@ -212,6 +212,13 @@ class Kernel:
         with self._lock:
             self._work_now = max(self._work_now, now)
 
+    def owner(self) -> object:
+        """Who takes a lock now: the running task under a scheduler (tasks share a thread),
+        else the thread."""
+        sched = self.sched
+        task = sched.task() if sched is not None else None
+        return task if task is not None else threading.get_ident()
+
     def preempt(self, op: str) -> None:
         """A switch point of the scheduler running on this kernel, if one is."""
         sched = self.sched

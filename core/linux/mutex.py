@@ -28,7 +28,7 @@ class Mutex:
         self.name = name
         self.recursive = recursive
         self._lock = threading.Lock()
-        self.owner: int | None = None  # the holder's thread ident
+        self.owner: object = None  # the holder: a task under a scheduler, else a thread ident
         self._depth = 0
 
     def __repr__(self) -> str:
@@ -36,11 +36,11 @@ class Mutex:
 
     def held(self) -> bool:
         """Whether the calling thread holds it (lockdep_assert_held)."""
-        return self.owner == threading.get_ident()
+        return self.owner is not None and self.owner == self.kernel.owner()
 
     def lock(self) -> None:
         """mutex_lock(): wait until it is free; the watchdog's hang instead of forever."""
-        me = threading.get_ident()
+        me = self.kernel.owner()
         if self.recursive and self.owner == me:
             self._depth += 1
             return
@@ -68,6 +68,9 @@ class Mutex:
 
     def _holder(self) -> str:
         owner = self.owner
+        name = getattr(owner, "name", None)  # a task
+        if isinstance(name, str):
+            return f"task {name!r}"
         for t in threading.enumerate():
             if t.ident == owner:
                 return t.name

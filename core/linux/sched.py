@@ -2,9 +2,10 @@
 
 Under a Scheduler, every actor of a life-cycle run - a driver's remove, a
 process opening FDs, a delayed release on the workqueue - is a Task.  Tasks
-are threads, but exactly one runs at a time: a task gives the CPU up only at
-a switch point (every traced kernel transition, every lock and unlock,
-allocation and free, every wait).  There a Policy picks which enabled task
+are greenlets of the caller's thread, so exactly one runs at a time and a
+switch costs a microsecond, not a thread hand-off: a task gives the CPU up
+only at a switch point (every traced kernel transition, every lock and
+unlock, allocation and free, every wait).  There a Policy picks which enabled task
 runs next, so an interleaving is the short list of those picks - independent
 of the machine's speed - and the same picks give the same run.
 
@@ -17,10 +18,11 @@ is idle, not hung: it is cancelled when nothing else is left.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+from greenlet import getcurrent, greenlet
 
 from vfio_emu.errors import EmulatorError, HangError, InvalidArgumentError
 from vfio_emu.report import Report
@@ -39,7 +41,7 @@ class Cancelled(BaseException):
 
 @dataclass
 class Task:
-    """One actor: a thread that runs only when the scheduler hands it the CPU."""
+    """One actor: a greenlet that runs only when the scheduler switches to it."""
 
     tid: int
     name: str
@@ -52,8 +54,7 @@ class Task:
     waiting_on: str = ""
     timed_out: bool = False
     error: BaseException | None = None
-    go: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
-    thread: threading.Thread | None = None
+    glet: greenlet | None = None
 
     def __repr__(self) -> str:
         return f"<Task {self.tid} {self.name} {self.state}>"
@@ -99,7 +100,8 @@ class Scheduler:
         self.decisions: list[Decision] = []
         self.picks: list[int] = []  # the task chosen at each decision
         self.steps = 0  # switch points passed
-        self._finished = threading.Semaphore(0)
+        self._home: greenlet | None = None  # where run() waits: every task's parent
+        self._interrupt: BaseException | None = None  # Ctrl-C in a task: run() raises it
         self._aborting = False  # the run is being ended: tasks unwind, nobody switches
         self._hang: Report | None = None  # why, when it is a hang
         self._policy_error: BaseException | None = None  # the policy failed: run() raises it
@@ -116,28 +118,33 @@ class Scheduler:
         if not callable(fn):
             raise InvalidArgumentError(f"spawn: {fn!r} is not callable")
         task = Task(len(self.tasks), name, fn, work=work)
-        task.thread = threading.Thread(target=self._body, args=(task,), daemon=True,
-                                       name=f"task {task.tid}: {name}")
+        task.glet = greenlet(lambda: self._body(task), parent=self._home or getcurrent())
         self.tasks.append(task)
-        task.thread.start()  # it waits for its first turn
         return task
 
     def run(self) -> None:
-        """Run every task to its end (the caller is not a task: it waits)."""
+        """Run every task to its end (the caller is not a task: it waits).  A task that
+        ends hands back the task to run next; each switch at a switch point goes straight
+        from task to task."""
         if self._running or self.kernel.sched is not None:
             raise EmulatorError("the kernel already runs a scheduler")
         self._running = True
+        self._home = getcurrent()
+        for task in self.tasks:
+            if task.glet is not None:
+                task.glet.parent = self._home
         self.kernel.sched = self.kernel.trace.sched = self
         try:
-            first = self._next(None, "start")
-            if first is not None:
-                self._hand_to(first)
-                self._finished.acquire()
+            nxt = self._next(None, "start")
+            while nxt is not None:
+                self.current = nxt
+                assert nxt.glet is not None
+                nxt = nxt.glet.switch()
         finally:
+            self.current = None
             self.kernel.sched = self.kernel.trace.sched = None
-        for task in self.tasks:
-            if task.thread is not None:
-                task.thread.join()
+        if self._interrupt is not None:
+            raise self._interrupt
         if self._policy_error is not None:
             raise self._policy_error
 
@@ -156,10 +163,14 @@ class Scheduler:
         task = self.current
         return task.name if task is not None else ""
 
+    def task(self) -> Task | None:
+        """The task running now, if the caller is one (not setup or another greenlet)."""
+        return self._me()
+
     def _me(self) -> Task | None:
         me = self.current
-        if me is None or me.thread is not threading.current_thread():
-            return None  # not a task of this run (setup, or a foreign thread)
+        if me is None or me.glet is not getcurrent():
+            return None  # not a task of this run (setup, or another greenlet)
         return me
 
     def preempt(self, op: str) -> None:
@@ -211,32 +222,34 @@ class Scheduler:
 
     # -- the machinery ------------------------------------------------------------------
 
-    def _body(self, task: Task) -> None:
-        task.go.acquire()
+    def _body(self, task: Task) -> Task | None:
+        """A task's greenlet: its function, then the task to run next (None: the run is
+        over), returned to run()."""
         try:
             task.fn()
         except Cancelled:
             pass
+        except (KeyboardInterrupt, SystemExit) as e:  # not the task's: the run's caller's
+            self._interrupt = e
+            self._aborting = True
+            task.state, task.until = DONE, None
+            return None
         except BaseException as e:  # the run's verdict reads it; the task just ends
             task.error = e
         task.state, task.until = DONE, None
+        if self._interrupt is not None:
+            return None
         nxt = self._next(None, f"{task.name} ends")
         if nxt is None and any(t.state == BLOCKED for t in self.tasks):
             self._deadlock()
             nxt = self._next(None, "unwind")
-        if nxt is None:
-            self.current = None
-            self._finished.release()
-        else:
-            self._hand_to(nxt)
-
-    def _hand_to(self, task: Task) -> None:
-        self.current = task
-        task.go.release()
+        return nxt
 
     def _switch(self, me: Task, nxt: Task) -> None:
-        self._hand_to(nxt)
-        me.go.acquire()  # until someone hands the CPU back
+        self.current = nxt
+        assert nxt.glet is not None
+        nxt.glet.switch()  # until someone switches back to me
+        self.current = me
 
     def _next(self, me: Task | None, op: str) -> Task | None:
         """The task to run next (me included), or None when none can."""
