@@ -132,7 +132,7 @@ def device_add(dev: StructDevice, *, inject: bool = True) -> int:
     if dev.parent is not None:
         dev.parent.get_ref()
     dev.added = True
-    dev.kernel.trace.record(dev.kernel.jiffies(), dev.name or "-", "device_add")
+    dev.kernel.trace.add(dev.kernel.jiffies(), dev.name or "-", "device_add")
     return 0
 
 

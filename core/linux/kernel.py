@@ -157,7 +157,7 @@ class Kernel:
                 return 0
             self._faults[step] = (errno, times - 1)
             self._fired.add(step)
-        self.trace.record(self.jiffies(), "-", f"fault injected: {step}", detail=f"-{errno}")
+        self.trace.add(self.jiffies(), "-", f"fault injected: {step}", detail=f"-{errno}")
         return -errno
 
     def should_fail_alloc(self, what: str = "") -> int:
@@ -231,7 +231,7 @@ class Kernel:
             self.reports.append(rep)
         if kind == "WARN":
             self.arena.warn(title)
-        self.trace.record(self.jiffies(), "-", f"report: {kind}", detail=title)
+        self.trace.add(self.jiffies(), "-", f"report: {kind}", detail=title)
         return rep
 
     def warn(self, title: str, detail: str = "") -> Report:
@@ -252,8 +252,8 @@ class Kernel:
             cleanup()
             return
         delay = self.HZ + self.HZ * self.rng.randint(0, 3)
-        self.trace.record(self.jiffies(), name, "kobject_release: delayed",
-                          detail=f"{delay} jiffies")
+        self.trace.add(self.jiffies(), name, "kobject_release: delayed",
+                       detail=f"{delay} jiffies")
         self.schedule_delayed(delay, cleanup, f"{name} release")
 
     def schedule_delayed(self, jiffies: int, fn: Callable[[], None], what: str) -> None:

@@ -190,8 +190,8 @@ def mdev_register_parent(parent: MdevParent, dev: Device, driver: Any,
         _mdev_type_add(parent, mtype)
     parent.registered = True
     parent.kernel.mdev_parents.append(parent)
-    parent.kernel.trace.record(parent.kernel.jiffies(), dev.name, "mdev_register_parent",
-                               detail=f"available {parent.available_instances}")
+    parent.kernel.trace.add(parent.kernel.jiffies(), dev.name, "mdev_register_parent",
+                            detail=f"available {parent.available_instances}")
     return 0
 
 
@@ -242,8 +242,8 @@ def mdev_unregister_parent(parent: MdevParent) -> None:
     parent.registered = False
     if parent in kernel.mdev_parents:
         kernel.mdev_parents.remove(parent)
-    kernel.trace.record(kernel.jiffies(), parent.dev.name if parent.dev else "-",
-                        "mdev_unregister_parent")
+    kernel.trace.add(kernel.jiffies(), parent.dev.name if parent.dev else "-",
+                     "mdev_unregister_parent")
 
 
 def _check_accounting(parent: MdevParent, when: str) -> None:
@@ -303,8 +303,8 @@ def mdev_device_create(mtype: MdevType, uuid: str) -> MdevDevice | int:
         mdev.bound = mdev.active = True
     finally:
         parent.unreg_sem.up_read()
-    kernel.trace.record(kernel.jiffies(), uuid, "mdev_device_create",
-                        detail=f"available {parent.available_instances}")
+    kernel.trace.add(kernel.jiffies(), uuid, "mdev_device_create",
+                     detail=f"available {parent.available_instances}")
     with kernel.mdev_list_lock:
         _check_accounting(parent, "after create")
     return mdev
@@ -315,7 +315,7 @@ def _remove(mdev: MdevDevice) -> None:
     unregister; then the parent reference goes), then the put that balances
     device_initialize()."""
     device_del(mdev)
-    mdev.kernel.trace.record(mdev.kernel.jiffies(), mdev.uuid, "mdev_device_remove")
+    mdev.kernel.trace.add(mdev.kernel.jiffies(), mdev.uuid, "mdev_device_remove")
     mdev_put_device(mdev)
 
 
@@ -367,8 +367,8 @@ def mdev_device_release(dev: StructDevice) -> None:
             kernel.mdevs.remove(mdev)
         if _counts_instances(parent):
             parent.available_instances += 1
-        kernel.trace.record(kernel.jiffies(), mdev.uuid, "mdev_device_release",
-                            detail=f"available {parent.available_instances}")
+        kernel.trace.add(kernel.jiffies(), mdev.uuid, "mdev_device_release",
+                         detail=f"available {parent.available_instances}")
         _check_accounting(parent, "after release")
     _mdev_type_put(mtype)  # pairs with the get in mdev_device_create()
     kfree(mdev)

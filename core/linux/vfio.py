@@ -61,10 +61,16 @@ class Core:
     in_sysfs: bool = False  # device_add() to device_del(): holds a reference on dev
     kvm: Any = None  # valid between open_device and close_device
     holders: list[tuple[int, Stack]] = field(default_factory=list)  # get_device() callers
+    #: "vfio<index>", or "vfio?@<address>" without an index: kept with the index (set_index),
+    #: as every traced transition names the device.
+    name: str = field(default="", init=False)
 
-    @property
-    def name(self) -> str:
-        return f"vfio{self.index}" if self.index >= 0 else f"vfio?@{id(self):#x}"
+    def __post_init__(self) -> None:
+        self.set_index(self.index)
+
+    def set_index(self, index: int) -> None:
+        self.index = index
+        self.name = f"vfio{index}" if index >= 0 else f"vfio?@{id(self):#x}"
 
 
 class VfioDevice(Tracked):
@@ -88,7 +94,7 @@ class VfioDevice(Tracked):
         core.state = State.FREED
         for handle in (core.kref, core.refcount, core.comp):
             handle.free()  # the counters were in this memory
-        core.kernel.trace.record(core.kernel.jiffies(), core.name, "kfree")
+        core.kernel.trace.add(core.kernel.jiffies(), core.name, "kfree")
 
     def __repr__(self) -> str:
         core = object.__getattribute__(self, "__dict__").get("_vfio")
@@ -221,8 +227,8 @@ def vfio_assign_device_set(vdev: VfioDevice, set_id: Any) -> int:
         else:
             dev_set.device_list.append(vdev)
         core.dev_set = dev_set
-    kernel.trace.record(kernel.jiffies(), core.name, "vfio_assign_device_set",
-                        detail=f"{dev_set.describe()} count {dev_set.device_count}")
+    kernel.trace.add(kernel.jiffies(), core.name, "vfio_assign_device_set",
+                     detail=f"{dev_set.describe()} count {dev_set.device_count}")
     return 0
 
 
@@ -262,11 +268,8 @@ def _counts(core: Core) -> tuple[int, int]:
 def _trace(core: Core, op: str, kref: tuple[int, int] | None = None,
            reg: tuple[int, int] | None = None, detail: str = "") -> None:
     kernel = core.kernel
-    if kref is None and reg is None and not detail:  # the Event's defaults: fewer keywords
-        kernel.trace.record(kernel.jiffies(), core.name, op, open_count=core.open_count)
-        return
-    kernel.trace.record(kernel.jiffies(), core.name, op, kref=kref, refcount=reg,
-                        open_count=core.open_count, detail=detail)
+    # kernel.jiffies(), read in place: one int, as every transition reads it
+    kernel.trace.add(kernel._work_now, core.name, op, kref, reg, core.open_count, detail)
 
 
 _V = TypeVar("_V", bound="VfioDevice")
@@ -324,7 +327,7 @@ def _init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
         if free > MINORMASK:
             return -ENOSPC
         kernel.ida[free] = capture_stack()
-    core.index = free
+    core.set_index(free)
     core.comp.init()
     core.dev, core.ops = dev, ops
     init = getattr(ops, "init", None)
@@ -338,7 +341,7 @@ def _init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
             vfio_release_device_set(vdev)
             kernel.ida.pop(free, None)
             _trace(core, "vfio_init_device: init failed", detail=f"ret {ret}")
-            core.index = -1
+            core.set_index(-1)
             return int(ret)
     if core.initialized:
         # What kobject_init() says when the embedded kobject was never released or memset.
@@ -451,7 +454,8 @@ def memset_vfio_device(vdev: VfioDevice) -> None:
     core.kref.refcount.set(0)
     core.refcount.set(0)
     core.comp.reinit()
-    core.index, core.dev, core.ops, core.dev_set = -1, None, None, None
+    core.set_index(-1)
+    core.dev, core.ops, core.dev_set = None, None, None
     core.open_count, core.initialized, core.in_sysfs = 0, False, False
     core.holders.clear()
     core.state = State.ALLOCATED
