@@ -11,6 +11,7 @@ kernel (a plain threading.Lock would block the one running task for real).
 from __future__ import annotations
 
 import threading
+from threading import get_ident
 from typing import TYPE_CHECKING
 
 from vfio_emu.errors import HangError
@@ -22,6 +23,8 @@ if TYPE_CHECKING:  # annotations only: the kernel owns its locks
 class Mutex:
     """mutex_init(): a named lock of one kernel; `with m:` is mutex_lock/mutex_unlock.
     recursive=True lets the holder take it again (the model's own re-entrant walks)."""
+
+    __slots__ = ("_depth", "_lock", "kernel", "name", "owner", "recursive")
 
     def __init__(self, kernel: Kernel, name: str, recursive: bool = False) -> None:
         self.kernel = kernel
@@ -36,14 +39,21 @@ class Mutex:
 
     def held(self) -> bool:
         """Whether the calling thread holds it (lockdep_assert_held)."""
-        return self.owner == threading.get_ident()
+        return self.owner == get_ident()
 
     def lock(self) -> None:
         """mutex_lock(): wait until it is free; the watchdog's hang instead of forever."""
-        me = threading.get_ident()
+        me = get_ident()
         if self.recursive and self.owner == me:
             self._depth += 1
             return
+        if self.kernel.sched is None and self._lock.acquire(False):  # free: no wait
+            self.owner, self._depth = me, 1
+            return
+        self._wait(me)
+
+    def _wait(self, me: int) -> None:
+        """mutex_lock() of a held mutex, or of any under a scheduler (a switch point)."""
         kernel = self.kernel
         sched = kernel.sched
         if sched is not None and sched.current is not None:
@@ -64,7 +74,9 @@ class Mutex:
             return
         self.owner = None
         self._lock.release()
-        self.kernel.preempt(f"mutex_unlock({self.name})")
+        sched = self.kernel.sched  # kernel.preempt(), without its call when there is none
+        if sched is not None:
+            sched.preempt(f"mutex_unlock({self.name})")
 
     def _holder(self) -> str:
         owner = self.owner

@@ -142,7 +142,9 @@ def kzalloc(kernel: Kernel, cls: type[_T]) -> _T | None:
     d["_kmem"] = Memory(kernel, f"{cls.__name__}@{id(obj):#x}", capture_stack(), obj=obj)
     kernel.allocations[id(obj)] = d["_kmem"]
     obj._kzalloc(kernel)
-    kernel.preempt(f"kzalloc {cls.__name__}")
+    sched = kernel.sched  # kernel.preempt(), without its call when there is none
+    if sched is not None:
+        sched.preempt(f"kzalloc {cls.__name__}")
     return obj
 
 
@@ -188,7 +190,9 @@ def kfree(obj: Tracked) -> None:
     mem.free_pid = getpid()
     mem.obj = None
     mem.kernel.allocations.pop(id(obj), None)
-    mem.kernel.preempt(f"kfree {mem.what}")
+    sched = mem.kernel.sched
+    if sched is not None:
+        sched.preempt(f"kfree {mem.what}")
 
 
 kvfree = kfree

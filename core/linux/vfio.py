@@ -19,6 +19,7 @@ import enum
 import os
 import threading
 from dataclasses import dataclass, field
+from threading import get_ident
 from typing import Any, TypeVar
 
 from vfio_emu.errors import EmulatorError, HangError, InvalidArgumentError
@@ -188,12 +189,13 @@ class DeviceSet(Tracked):
 
     def __enter__(self) -> DeviceSet:
         """mutex_lock(&dev_set->lock): lockdep's report instead of a self-deadlock."""
-        if self.lock.held():
+        lock = self.lock
+        if lock.owner == get_ident():  # lock.held()
             raise HangError(self.kernel.report(
                 "WARN", "WARNING: possible recursive locking detected",
                 f"this task already holds &dev_set->lock of {self.describe()} and takes it "
                 "again: it would deadlock"))
-        self.lock.lock()
+        lock.lock()
         return self
 
     def __exit__(self, *exc: object) -> None:
