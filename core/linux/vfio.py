@@ -294,7 +294,8 @@ def vfio_alloc_device(cls: type[_V], dev: Device, ops: Any) -> _V | int:
     vdev = kzalloc(kernel, cls)
     if vdev is None:
         return -ENOMEM
-    ret = _init_device(vdev, dev, ops)
+    # The ida takes its index in this same call: its stack is the allocation's.
+    ret = _init_device(vdev, dev, ops, _dict_of(vdev, "__dict__")["_kmem"].alloc_stack)
     if ret:
         kvfree(vdev)
         return ret
@@ -315,7 +316,9 @@ def vfio_init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
     return _init_device(vdev, dev, ops)
 
 
-def _init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
+def _init_device(vdev: VfioDevice, dev: Device, ops: Any, stack: Stack | None = None) -> int:
+    """vfio_init_device(); `stack`: the caller's, when its caller has it already (the stack
+    capture_stack() would take here)."""
     core = core_of(vdev, "vfio_init_device")
     if not isinstance(dev, Device) or dev.kernel is not core.kernel:
         raise InvalidArgumentError(f"vfio_init_device: {dev!r} is not a device of this kernel")
@@ -328,7 +331,7 @@ def _init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
             free += 1
         if free > MINORMASK:
             return -ENOSPC
-        kernel.ida[free] = capture_stack()
+        kernel.ida[free] = capture_stack() if stack is None else stack
     core.set_index(free)
     core.comp.init()
     core.dev, core.ops = dev, ops
