@@ -40,22 +40,25 @@ class RWSem:
 
     def __init__(self, kernel: Kernel) -> None:
         self._kernel = kernel
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # never taken twice by one thread: no RLock needed
+        self._cond = threading.Condition(self._lock)
         self._readers = 0
         self._writer = False
+        self._writers_waiting = 0  # up_read() wakes only a writer that waits
 
     def down_read_trylock(self) -> bool:
         self._kernel.preempt("down_read_trylock(&parent->unreg_sem)")
-        with self._cond:
+        with self._lock:
             if self._writer:
                 return False
             self._readers += 1
             return True
 
     def up_read(self) -> None:
-        with self._cond:
+        with self._lock:
             self._readers -= 1
-            self._cond.notify_all()
+            if self._writers_waiting:
+                self._cond.notify_all()
         self._kernel.preempt("up_read(&parent->unreg_sem)")
 
     def down_write(self) -> None:
@@ -70,14 +73,18 @@ class RWSem:
             return
         limit = time.monotonic() + kernel.lock_timeout_s()
         with self._cond:
-            while self._writer or self._readers:
-                kernel.run_delayed_work()  # a waiting task lets queued releases run
-                if time.monotonic() >= limit:
-                    raise HangError(kernel.report(
-                        "hang", kernel.hung_task(kernel.lock_timeout_s()),
-                        f"down_write(&parent->unreg_sem): {self._readers} "
-                        f"reader(s){' and a writer' if self._writer else ''} hold it"))
-                self._cond.wait(0.02)  # bounded, so signal handlers run
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    kernel.run_delayed_work()  # a waiting task lets queued releases run
+                    if time.monotonic() >= limit:
+                        raise HangError(kernel.report(
+                            "hang", kernel.hung_task(kernel.lock_timeout_s()),
+                            f"down_write(&parent->unreg_sem): {self._readers} "
+                            f"reader(s){' and a writer' if self._writer else ''} hold it"))
+                    self._cond.wait(0.02)  # bounded, so signal handlers run
+            finally:
+                self._writers_waiting -= 1
             self._writer = True
 
     def up_write(self) -> None:
