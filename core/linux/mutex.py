@@ -86,11 +86,23 @@ class Mutex:
         return f"thread {owner}"
 
     def __enter__(self) -> Mutex:
+        # lock(), its common case in place: a free lock, no scheduler, not held by me
+        if self.kernel.sched is None and self._lock.acquire(False):
+            self.owner, self._depth = get_ident(), 1
+            return self
         self.lock()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.unlock()
+        # unlock(), in place
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        self.owner = None
+        self._lock.release()
+        sched = self.kernel.sched
+        if sched is not None:
+            sched.preempt(f"mutex_unlock({self.name})")
 
 
 __all__ = ["Mutex"]

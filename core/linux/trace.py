@@ -99,8 +99,10 @@ class Trace:
 
     def __init__(self, events: list[Event] | None = None, sched: Switch | None = None) -> None:
         self._events: list[Event] = [] if events is None else events
-        #: Recorded and not yet read: Event field tuples (add()), or Events (record()).
-        self._pending: list[tuple[Any, ...] | Event] = []
+        #: Recorded and not yet read: Event field tuples (add()), or Events (record()).  The
+        #: model's busiest path (linux.vfio._trace) appends add()'s tuple here itself when no
+        #: scheduler runs.  Only ever appended to, and emptied from the front by `events`.
+        self.pending: list[tuple[Any, ...] | Event] = []
         self._reading = threading.Lock()
         self.sched = sched
 
@@ -108,7 +110,7 @@ class Trace:
     def events(self) -> list[Event]:
         """Every event so far, in order: always the same list (it only grows, unless its
         reader clears it)."""
-        pending = self._pending
+        pending = self.pending
         if pending:
             with self._reading:
                 n = len(pending)  # appends after this are left for the next reader
@@ -124,7 +126,7 @@ class Trace:
         if sched is not None:
             fields["task"] = sched.current_name()
         event = Event(jiffies, _stack._pid, device, op, **fields)
-        self._pending.append(event)  # one append: atomic, so threads need no lock
+        self.pending.append(event)  # one append: atomic, so threads need no lock
         if sched is not None:
             sched.preempt(op)
         return event
@@ -135,10 +137,10 @@ class Trace:
         """record() for the model's own transitions: the same event, made when read."""
         sched = self.sched
         if sched is None:
-            self._pending.append((jiffies, _stack._pid, device, op, kref, refcount,
+            self.pending.append((jiffies, _stack._pid, device, op, kref, refcount,
                                   open_count, detail, ""))
             return
-        self._pending.append((jiffies, _stack._pid, device, op, kref, refcount, open_count,
+        self.pending.append((jiffies, _stack._pid, device, op, kref, refcount, open_count,
                               detail, sched.current_name()))
         sched.preempt(op)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from threading import get_ident
 from typing import Any, TypeVar
 
+from vfio_emu import stack as _stack
 from vfio_emu.errors import EmulatorError, HangError, InvalidArgumentError
 from vfio_emu.linux.device import Device
 from vfio_emu.linux.errno import EBUSY, EINVAL, ENODEV, ENOMEM, ENOSPC
@@ -270,8 +271,13 @@ def _counts(core: Core) -> tuple[int, int]:
 def _trace(core: Core, op: str, kref: tuple[int, int] | None = None,
            reg: tuple[int, int] | None = None, detail: str = "") -> None:
     kernel = core.kernel
-    # kernel.jiffies(), read in place: one int, as every transition reads it
-    kernel.trace.add(kernel._work_now, core.name, op, kref, reg, core.open_count, detail)
+    trace = kernel.trace
+    # Trace.add() in place, without a scheduler (and kernel.jiffies(): one int, read)
+    if trace.sched is None:
+        trace.pending.append((kernel._work_now, _stack._pid, core.name, op, kref, reg,
+                               core.open_count, detail, ""))
+    else:
+        trace.add(kernel._work_now, core.name, op, kref, reg, core.open_count, detail)
 
 
 _V = TypeVar("_V", bound="VfioDevice")
