@@ -63,8 +63,7 @@ class StructDevice(Tracked, Device):
         self.drvdata = None
         self.parent: Device | None = None  # dev->parent
         self.kname: KName | None = None
-        self.kref = kernel.arena.kref(label=f"device@{id(self):#x}")
-        self.kref.refcount.set(0)
+        self.kref = kernel.arena.kref(label=f"device@{id(self):#x}", count=0)  # zeroed
         self.initialized = False
         self.added = False  # kobj->state_in_sysfs
         self.release: Callable[[StructDevice], None] | None = None

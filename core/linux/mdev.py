@@ -104,8 +104,8 @@ class MdevType(Tracked):
         self.sysfs_name = ""
         self.pretty_name = ""
         self.parent: MdevParent | None = None
-        self.kobj = kernel.arena.kref(label=f"mdev_type@{id(self):#x}")
-        self.kobj.refcount.set(0)  # zeroed memory: kobject_init() in mdev_type_add makes it 1
+        # zeroed memory: kobject_init() in mdev_type_add makes it 1
+        self.kobj = kernel.arena.kref(label=f"mdev_type@{id(self):#x}", count=0)
         self.in_sysfs = False  # its directory, and so its 'create' file, exists
 
     def _kfree(self) -> None:

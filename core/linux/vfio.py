@@ -86,8 +86,7 @@ class VfioDevice(Tracked):
     def _kzalloc(self, kernel: Kernel) -> None:
         name = f"{type(self).__name__}@{id(self):#x}"
         a = kernel.arena
-        kref = a.kref(label=f"{name}.kref")
-        kref.refcount.set(0)  # zeroed memory: 0 until device_initialize() makes it 1
+        kref = a.kref(label=f"{name}.kref", count=0)  # zeroed: device_initialize() makes it 1
         object.__getattribute__(self, "__dict__")["_vfio"] = Core(
             kernel, kref, a.refcount(0, label=f"{name}.reg"), a.completion(label=f"{name}.comp"))
 
