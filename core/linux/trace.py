@@ -125,7 +125,7 @@ class Trace:
         sched = self.sched
         if sched is not None:
             fields["task"] = sched.current_name()
-        event = Event(jiffies, _stack._pid, device, op, **fields)
+        event = Event(jiffies, _stack.PID, device, op, **fields)
         self.pending.append(event)  # one append: atomic, so threads need no lock
         if sched is not None:
             sched.preempt(op)
@@ -137,10 +137,10 @@ class Trace:
         """record() for the model's own transitions: the same event, made when read."""
         sched = self.sched
         if sched is None:
-            self.pending.append((jiffies, _stack._pid, device, op, kref, refcount,
+            self.pending.append((jiffies, _stack.PID, device, op, kref, refcount,
                                   open_count, detail, ""))
             return
-        self.pending.append((jiffies, _stack._pid, device, op, kref, refcount, open_count,
+        self.pending.append((jiffies, _stack.PID, device, op, kref, refcount, open_count,
                               detail, sched.current_name()))
         sched.preempt(op)
 

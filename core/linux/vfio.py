@@ -273,7 +273,7 @@ def _trace(core: Core, op: str, kref: tuple[int, int] | None = None,
     trace = kernel.trace
     # Trace.add() in place, without a scheduler (and kernel.jiffies(): one int, read)
     if trace.sched is None:
-        trace.pending.append((kernel._work_now, _stack._pid, core.name, op, kref, reg,
+        trace.pending.append((kernel._work_now, _stack.PID, core.name, op, kref, reg,
                                core.open_count, detail, ""))
     else:
         trace.add(kernel._work_now, core.name, op, kref, reg, core.open_count, detail)
