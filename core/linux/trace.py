@@ -134,7 +134,8 @@ class Trace:
     def add(self, jiffies: int, device: str, op: str, kref: tuple[int, int] | None = None,
             refcount: tuple[int, int] | None = None, open_count: int | None = None,
             detail: str = "") -> None:
-        """record() for the model's own transitions: the same event, made when read."""
+        """record() without the Event now (it is made when `events` is read): the same
+        event, for the model's transitions and any caller that needs nothing back."""
         sched = self.sched
         if sched is None:
             self.pending.append((jiffies, _stack.PID, device, op, kref, refcount,
