@@ -22,12 +22,14 @@ INTERNAL_PREFIXES = ("vfio_emu.shm.", "vfio_emu.linux.", __name__)
 
 Frame = tuple[str, int, str]
 
-_pid = os.getpid()
+#: This process's pid, as getpid() returns it: the busiest paths (a trace event, an
+#: allocation) read it here without a call.
+PID = os.getpid()
 
 
 def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
+    global PID
+    PID = os.getpid()
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -36,7 +38,7 @@ os.register_at_fork(after_in_child=_forked)
 def getpid() -> int:
     """os.getpid() without its system call: the task a stack, a trace event or a record is
     of (kept per process, and taken anew in a forked child)."""
-    return _pid
+    return PID
 
 
 def _internal(frame: Any) -> bool:

@@ -65,6 +65,26 @@ def _bind(caller: Any, args: tuple[str, ...]) -> Callable[..., Any]:
     return lambda vdev, arg: caller(**{"vdev": vdev, args[1]: arg})
 
 
+def _direct(caller: Any) -> Callable[..., Any] | None:
+    """A hook's one implementation, to call with the hookspec's arguments in their order,
+    positionally - when that is all pluggy would do: one plain hookimpl, no wrapper, no
+    hookwrapper, no optional arguments (tracing is on: None, see Driver).  Its return
+    value is the implementation's own (for a firstresult hook, what pluggy returns too;
+    for another, pluggy's list holds it).  None when pluggy must dispatch."""
+    impls = caller.get_hookimpls()
+    if len(impls) != 1 or caller.spec is None or caller.is_historic():
+        return None
+    impl = impls[0]
+    if impl.wrapper or impl.hookwrapper or impl.kwargnames:
+        return None
+    fn: Callable[..., Any] = impl.function
+    spec = tuple(caller.spec.argnames)
+    if tuple(impl.argnames) == spec:
+        return fn
+    pick = [spec.index(name) for name in impl.argnames]  # a subset, maybe reordered
+    return lambda *args: fn(*[args[i] for i in pick])
+
+
 @dataclass(frozen=True)
 class KnownFinding:
     """A finding a driver declares (check_known_findings): in the scenarios matching the
@@ -120,15 +140,36 @@ class MdevDriverAdapter:
 
 
 class Driver:
-    """One loaded driver plugin: its name, its ops, and its entry points."""
+    """One loaded driver plugin: its name, its ops, and its entry points.
+
+    A hook whose only implementation is the driver's own plain hookimpl is called
+    directly, as pluggy would call it; once an observer wraps it (or pluggy traces the
+    calls), through pluggy.  The ops are looked at again whenever the plugins change.
+    """
 
     def __init__(self, name: str, plugin: object, ops: DriverOps,
-                 callers: dict[str, Any], pm: pluggy.PluginManager | None = None) -> None:
+                 callers: dict[str, Any], pm: pluggy.PluginManager | None = None,
+                 implemented: Iterable[str] = (), direct: bool = True) -> None:
         self.name = name
         self.plugin = plugin
         self.ops = ops
         self._callers = callers
         self._pm = pm
+        #: The ops the driver implements: DriverOps has exactly these.
+        self._implemented = tuple(implemented)
+        self._direct_ok = direct
+        self._direct: dict[str, Callable[..., Any] | None] = {}
+        self._has_impls: dict[str, bool] = {}
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """How each hook is called now: directly (_direct), or through pluggy."""
+        self._direct = {h: _direct(c) if self._direct_ok else None
+                        for h, c in self._callers.items()}
+        self._has_impls = {h: bool(c.get_hookimpls()) for h, c in self._callers.items()}
+        for op in self._implemented:
+            fn = self._direct[op]
+            setattr(self.ops, op, fn if fn is not None else _bind(self._callers[op], OPS[op]))
 
     @contextmanager
     def observed(self, observer: object) -> Iterator[None]:
@@ -137,18 +178,22 @@ class Driver:
         if self._pm is None:
             raise InvalidArgumentError(f"driver '{self.name}' has no plugin manager")
         self._pm.register(observer)
+        self._dispatch()
         try:
             yield
         finally:
             self._pm.unregister(observer)
+            self._dispatch()
 
     def __repr__(self) -> str:
         return f"<Driver {self.name}>"
 
     def init_module(self, kernel: Kernel) -> int:
         """module_init(): 0 or -errno (a driver without driver_init: 0)."""
-        ret = self._callers["driver_init"](kernel=kernel, driver=self)
-        if ret is None and not self._callers["driver_init"].get_hookimpls():
+        direct = self._direct["driver_init"]
+        ret = (direct(kernel, self) if direct is not None
+               else self._callers["driver_init"](kernel=kernel, driver=self))
+        if ret is None and not self._has_impls["driver_init"]:
             return 0
         if type(ret) is not int or ret > 0:
             raise PluginError(f"driver '{self.name}': driver_init() must return 0 or -errno, "
@@ -168,7 +213,13 @@ class Driver:
     def invariants(self, kernel: Kernel) -> list[str]:
         """The promises of this driver (and of the observers) broken now."""
         broken: list[str] = []
-        for found in self._callers["check_invariants"](kernel=kernel, driver=self):
+        direct = self._direct["check_invariants"]
+        if direct is not None:  # pluggy's list of the results that are not None
+            one = direct(kernel, self)
+            results = [] if one is None else [one]
+        else:
+            results = self._callers["check_invariants"](kernel=kernel, driver=self)
+        for found in results:
             if not isinstance(found, (list, tuple)) or not all(
                     isinstance(m, str) for m in found):
                 raise PluginError(f"driver '{self.name}': check_invariants() must return a "
@@ -178,7 +229,8 @@ class Driver:
 
     def known_findings(self) -> list[KnownFinding]:
         """What the driver declares it knows about (check_known_findings)."""
-        found = self._callers["check_known_findings"]()
+        direct = self._direct["check_known_findings"]
+        found = direct() if direct is not None else self._callers["check_known_findings"]()
         if found is None:
             return []
         if not isinstance(found, (list, tuple)) or not all(
@@ -189,29 +241,45 @@ class Driver:
 
     def exit_module(self, kernel: Kernel) -> None:
         """module_exit()."""
-        self._callers["driver_exit"](kernel=kernel, driver=self)
+        direct = self._direct["driver_exit"]
+        if direct is not None:
+            direct(kernel, self)
+        else:
+            self._callers["driver_exit"](kernel=kernel, driver=self)
 
     def probe(self, kernel: Kernel, dev: Device) -> int:
-        ret = self._callers["probe"](kernel=kernel, driver=self, dev=dev)
+        direct = self._direct["probe"]
+        ret = (direct(kernel, self, dev) if direct is not None
+               else self._callers["probe"](kernel=kernel, driver=self, dev=dev))
         if type(ret) is not int:
             raise PluginError(f"driver '{self.name}': probe() must return 0 or -errno, "
                               f"not {ret!r}")
         return ret
 
     def remove(self, kernel: Kernel, dev: Device) -> None:
-        self._callers["remove"](kernel=kernel, driver=self, dev=dev)
+        direct = self._direct["remove"]
+        if direct is not None:
+            direct(kernel, self, dev)
+        else:
+            self._callers["remove"](kernel=kernel, driver=self, dev=dev)
 
     def bind(self, kernel: Kernel, name: str) -> Any:
         """Make a device of this driver appear and bind it (check_bind): device or -errno."""
-        if not self._callers["check_bind"].get_hookimpls():
+        if not self._has_impls["check_bind"]:
             return self._bind_bus_device(kernel, name)
+        direct = self._direct["check_bind"]
+        if direct is not None:
+            return direct(kernel, self, name)
         return self._callers["check_bind"](kernel=kernel, driver=self, name=name)
 
     def unbind(self, kernel: Kernel, dev: Any) -> int:
         """Unbind it again (check_unbind): 0 or -errno."""
-        if not self._callers["check_unbind"].get_hookimpls():
+        if not self._has_impls["check_unbind"]:
             self.remove(kernel, dev)
             return 0
+        direct = self._direct["check_unbind"]
+        if direct is not None:
+            return int(direct(kernel, self, dev))
         return int(self._callers["check_unbind"](kernel=kernel, driver=self, dev=dev))
 
     def _bind_bus_device(self, kernel: Kernel, name: str) -> Any:
@@ -344,8 +412,6 @@ class Plugins:
             callers = {h: getattr(own.hook, h) for h in (
                 *OPS, "driver_init", "driver_exit", "probe", "remove", "check_bind",
                 "check_unbind", "check_known_findings", "check_invariants")}
-            ops = DriverOps(name)
-            for op, args in OPS.items():
-                if _implements(getattr(hook, op), plugin):
-                    setattr(ops, op, _bind(callers[op], args))
-            self.drivers[name] = Driver(name, plugin, ops, callers, own)
+            implemented = [op for op in OPS if _implements(getattr(hook, op), plugin)]
+            self.drivers[name] = Driver(name, plugin, DriverOps(name), callers, own,
+                                        implemented, direct=not self._trace)

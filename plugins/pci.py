@@ -117,8 +117,8 @@ def close_device(vdev: VfioPciCoreDevice) -> None:
     for member in dev_set.device_list:
         member.needs_reset = False
     vdev.resets += 1
-    vdev.pdev.kernel.trace.record(vdev.pdev.kernel.jiffies(), f"vfio{vdev.index}",
-                                  "pci bus reset", detail=bus_of(vdev.pdev))
+    vdev.pdev.kernel.trace.add(vdev.pdev.kernel.jiffies(), f"vfio{vdev.index}",
+                               "pci bus reset", detail=bus_of(vdev.pdev))
 
 
 @hookimpl

@@ -103,21 +103,23 @@ def test_getpid_is_the_processes_own_and_a_forked_child_sees_its_own() -> None:
     import multiprocessing
     import os
 
+    from vfio_emu import stack
     from vfio_emu.stack import getpid
 
-    assert getpid() == os.getpid()
+    assert getpid() == stack.PID == os.getpid()
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
     child = ctx.Process(target=_report_pids, args=(q,))
     child.start()
-    theirs, their_os = q.get(timeout=60)
+    theirs, their_pid, their_os = q.get(timeout=60)
     child.join(60)
-    assert theirs == their_os != os.getpid()
+    assert theirs == their_pid == their_os != os.getpid()
 
 
 def _report_pids(q: object) -> None:
     import os
 
+    from vfio_emu import stack
     from vfio_emu.stack import getpid
 
-    q.put((getpid(), os.getpid()))  # type: ignore[attr-defined]
+    q.put((getpid(), stack.PID, os.getpid()))  # type: ignore[attr-defined]

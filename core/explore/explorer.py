@@ -89,7 +89,7 @@ def run_race(driver: Driver, race: Race, mode: Mode, seed: int = 0,
     got: dict[str, Any] = {}
 
     def body(driver: Driver, kernel: Any) -> str:
-        got["events"] = kernel.trace.events
+        got["trace"] = kernel.trace  # its events are read once the run is over
         tasks = race.setup(driver, kernel)
         if isinstance(tasks, str):
             return tasks
@@ -115,7 +115,7 @@ def run_race(driver: Driver, race: Race, mode: Mode, seed: int = 0,
     decisions = list(sched.decisions) if sched is not None else []
     picks = list(sched.picks) if sched is not None else []
     outcome = Outcome(verdict, Schedule.of(seed, decisions, picks), decisions, picks,
-                      list(got.get("events", [])),
+                      list(got["trace"].events) if "trace" in got else [],
                       [t.name for t in sched.tasks] if sched is not None else [])
     verdict.schedule = str(outcome.schedule)
     # every line names its task: the setup's and teardown's are main's

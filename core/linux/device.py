@@ -63,8 +63,7 @@ class StructDevice(Tracked, Device):
         self.drvdata = None
         self.parent: Device | None = None  # dev->parent
         self.kname: KName | None = None
-        self.kref = kernel.arena.kref(label=f"device@{id(self):#x}")
-        self.kref.refcount.set(0)
+        self.kref = kernel.arena.kref(label=f"device@{id(self):#x}", count=0)  # zeroed
         self.initialized = False
         self.added = False  # kobj->state_in_sysfs
         self.release: Callable[[StructDevice], None] | None = None
@@ -132,7 +131,7 @@ def device_add(dev: StructDevice, *, inject: bool = True) -> int:
     if dev.parent is not None:
         dev.parent.get_ref()
     dev.added = True
-    dev.kernel.trace.record(dev.kernel.jiffies(), dev.name or "-", "device_add")
+    dev.kernel.trace.add(dev.kernel.jiffies(), dev.name or "-", "device_add")
     return 0
 
 

@@ -114,7 +114,6 @@ class Kernel:
         self._lock = threading.Lock()
         self._fail_allocs = 0
         self._fail_skip = 0
-        self.alloc_attempts = 0
         self._faults: dict[str, tuple[int, int]] = {}
         self._fired: set[str] = set()
         self.alloc_log: list[str] = []
@@ -151,21 +150,25 @@ class Kernel:
 
     def injected(self, step: str) -> int:
         """0, or the -errno an injected fault makes this step return."""
+        if not self._faults:  # none injected (one read of a dict: no lock needed)
+            return 0
         with self._lock:
             errno, times = self._faults.get(step, (0, 0))
             if times <= 0:
                 return 0
             self._faults[step] = (errno, times - 1)
             self._fired.add(step)
-        self.trace.record(self.jiffies(), "-", f"fault injected: {step}", detail=f"-{errno}")
+        self.trace.add(self.jiffies(), "-", f"fault injected: {step}", detail=f"-{errno}")
         return -errno
 
     def should_fail_alloc(self, what: str = "") -> int:
         """0, or -ENOMEM if an injected allocation failure is due (every call counts one
         allocation in alloc_attempts and names it in alloc_log, so a checker can fail
         each one in turn)."""
+        if not self._fail_allocs:  # none due: one append, atomic, needs no lock
+            self.alloc_log.append(what)
+            return 0
         with self._lock:
-            self.alloc_attempts += 1
             self.alloc_log.append(what)
             if self._fail_allocs > 0:
                 if self._fail_skip > 0:
@@ -174,6 +177,11 @@ class Kernel:
                 self._fail_allocs -= 1
                 return -ENOMEM
         return 0
+
+    @property
+    def alloc_attempts(self) -> int:
+        """How many allocations were attempted (each one is named in alloc_log)."""
+        return len(self.alloc_log)
 
     # -- life cycle of the emulation itself ---------------------------------
 
@@ -193,6 +201,9 @@ class Kernel:
         """The parent struct device of that name (a PCI function, a subchannel): one per name."""
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"device name must be a non-empty str, not {name!r}")
+        dev = self._parents.get(name)  # made once: later ones are one dict read
+        if dev is not None:
+            return dev
         with self._lock:
             dev = self._parents.get(name)
             if dev is None:
@@ -238,7 +249,7 @@ class Kernel:
             self.reports.append(rep)
         if kind == "WARN":
             self.arena.warn(title)
-        self.trace.record(self.jiffies(), "-", f"report: {kind}", detail=title)
+        self.trace.add(self.jiffies(), "-", f"report: {kind}", detail=title)
         return rep
 
     def warn(self, title: str, detail: str = "") -> Report:
@@ -259,8 +270,8 @@ class Kernel:
             cleanup()
             return
         delay = self.HZ + self.HZ * self.rng.randint(0, 3)
-        self.trace.record(self.jiffies(), name, "kobject_release: delayed",
-                          detail=f"{delay} jiffies")
+        self.trace.add(self.jiffies(), name, "kobject_release: delayed",
+                       detail=f"{delay} jiffies")
         self.schedule_delayed(delay, cleanup, f"{name} release")
 
     def schedule_delayed(self, jiffies: int, fn: Callable[[], None], what: str) -> None:

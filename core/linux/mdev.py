@@ -40,22 +40,25 @@ class RWSem:
 
     def __init__(self, kernel: Kernel) -> None:
         self._kernel = kernel
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # never taken twice by one thread: no RLock needed
+        self._cond = threading.Condition(self._lock)
         self._readers = 0
         self._writer = False
+        self._writers_waiting = 0  # up_read() wakes only a writer that waits
 
     def down_read_trylock(self) -> bool:
         self._kernel.preempt("down_read_trylock(&parent->unreg_sem)")
-        with self._cond:
+        with self._lock:
             if self._writer:
                 return False
             self._readers += 1
             return True
 
     def up_read(self) -> None:
-        with self._cond:
+        with self._lock:
             self._readers -= 1
-            self._cond.notify_all()
+            if self._writers_waiting:
+                self._cond.notify_all()
         self._kernel.preempt("up_read(&parent->unreg_sem)")
 
     def down_write(self) -> None:
@@ -70,14 +73,18 @@ class RWSem:
             return
         limit = time.monotonic() + kernel.lock_timeout_s()
         with self._cond:
-            while self._writer or self._readers:
-                kernel.run_delayed_work()  # a waiting task lets queued releases run
-                if time.monotonic() >= limit:
-                    raise HangError(kernel.report(
-                        "hang", kernel.hung_task(kernel.lock_timeout_s()),
-                        f"down_write(&parent->unreg_sem): {self._readers} "
-                        f"reader(s){' and a writer' if self._writer else ''} hold it"))
-                self._cond.wait(0.02)  # bounded, so signal handlers run
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    kernel.run_delayed_work()  # a waiting task lets queued releases run
+                    if time.monotonic() >= limit:
+                        raise HangError(kernel.report(
+                            "hang", kernel.hung_task(kernel.lock_timeout_s()),
+                            f"down_write(&parent->unreg_sem): {self._readers} "
+                            f"reader(s){' and a writer' if self._writer else ''} hold it"))
+                    self._cond.wait(0.02)  # bounded, so signal handlers run
+            finally:
+                self._writers_waiting -= 1
             self._writer = True
 
     def up_write(self) -> None:
@@ -97,8 +104,8 @@ class MdevType(Tracked):
         self.sysfs_name = ""
         self.pretty_name = ""
         self.parent: MdevParent | None = None
-        self.kobj = kernel.arena.kref(label=f"mdev_type@{id(self):#x}")
-        self.kobj.refcount.set(0)  # zeroed memory: kobject_init() in mdev_type_add makes it 1
+        # zeroed memory: kobject_init() in mdev_type_add makes it 1
+        self.kobj = kernel.arena.kref(label=f"mdev_type@{id(self):#x}", count=0)
         self.in_sysfs = False  # its directory, and so its 'create' file, exists
 
     def _kfree(self) -> None:
@@ -190,8 +197,8 @@ def mdev_register_parent(parent: MdevParent, dev: Device, driver: Any,
         _mdev_type_add(parent, mtype)
     parent.registered = True
     parent.kernel.mdev_parents.append(parent)
-    parent.kernel.trace.record(parent.kernel.jiffies(), dev.name, "mdev_register_parent",
-                               detail=f"available {parent.available_instances}")
+    parent.kernel.trace.add(parent.kernel.jiffies(), dev.name, "mdev_register_parent",
+                            detail=f"available {parent.available_instances}")
     return 0
 
 
@@ -242,8 +249,8 @@ def mdev_unregister_parent(parent: MdevParent) -> None:
     parent.registered = False
     if parent in kernel.mdev_parents:
         kernel.mdev_parents.remove(parent)
-    kernel.trace.record(kernel.jiffies(), parent.dev.name if parent.dev else "-",
-                        "mdev_unregister_parent")
+    kernel.trace.add(kernel.jiffies(), parent.dev.name if parent.dev else "-",
+                     "mdev_unregister_parent")
 
 
 def _check_accounting(parent: MdevParent, when: str) -> None:
@@ -303,8 +310,8 @@ def mdev_device_create(mtype: MdevType, uuid: str) -> MdevDevice | int:
         mdev.bound = mdev.active = True
     finally:
         parent.unreg_sem.up_read()
-    kernel.trace.record(kernel.jiffies(), uuid, "mdev_device_create",
-                        detail=f"available {parent.available_instances}")
+    kernel.trace.add(kernel.jiffies(), uuid, "mdev_device_create",
+                     detail=f"available {parent.available_instances}")
     with kernel.mdev_list_lock:
         _check_accounting(parent, "after create")
     return mdev
@@ -315,7 +322,7 @@ def _remove(mdev: MdevDevice) -> None:
     unregister; then the parent reference goes), then the put that balances
     device_initialize()."""
     device_del(mdev)
-    mdev.kernel.trace.record(mdev.kernel.jiffies(), mdev.uuid, "mdev_device_remove")
+    mdev.kernel.trace.add(mdev.kernel.jiffies(), mdev.uuid, "mdev_device_remove")
     mdev_put_device(mdev)
 
 
@@ -367,8 +374,8 @@ def mdev_device_release(dev: StructDevice) -> None:
             kernel.mdevs.remove(mdev)
         if _counts_instances(parent):
             parent.available_instances += 1
-        kernel.trace.record(kernel.jiffies(), mdev.uuid, "mdev_device_release",
-                            detail=f"available {parent.available_instances}")
+        kernel.trace.add(kernel.jiffies(), mdev.uuid, "mdev_device_release",
+                         detail=f"available {parent.available_instances}")
         _check_accounting(parent, "after release")
     _mdev_type_put(mtype)  # pairs with the get in mdev_device_create()
     kfree(mdev)

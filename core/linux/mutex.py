@@ -11,6 +11,7 @@ kernel (a plain threading.Lock would block the one running task for real).
 from __future__ import annotations
 
 import threading
+from threading import get_ident
 from typing import TYPE_CHECKING
 
 from vfio_emu.errors import HangError
@@ -22,6 +23,8 @@ if TYPE_CHECKING:  # annotations only: the kernel owns its locks
 class Mutex:
     """mutex_init(): a named lock of one kernel; `with m:` is mutex_lock/mutex_unlock.
     recursive=True lets the holder take it again (the model's own re-entrant walks)."""
+
+    __slots__ = ("_depth", "_lock", "kernel", "name", "owner", "recursive")
 
     def __init__(self, kernel: Kernel, name: str, recursive: bool = False) -> None:
         self.kernel = kernel
@@ -44,6 +47,13 @@ class Mutex:
         if self.recursive and self.owner == me:
             self._depth += 1
             return
+        if self.kernel.sched is None and self._lock.acquire(False):  # free: no wait
+            self.owner, self._depth = me, 1
+            return
+        self._wait(me)
+
+    def _wait(self, me: object) -> None:
+        """mutex_lock() of a held mutex, or of any under a scheduler (a switch point)."""
         kernel = self.kernel
         sched = kernel.sched
         if sched is not None and sched.current is not None:
@@ -64,7 +74,9 @@ class Mutex:
             return
         self.owner = None
         self._lock.release()
-        self.kernel.preempt(f"mutex_unlock({self.name})")
+        sched = self.kernel.sched  # kernel.preempt(), without its call when there is none
+        if sched is not None:
+            sched.preempt(f"mutex_unlock({self.name})")
 
     def _holder(self) -> str:
         owner = self.owner
@@ -77,11 +89,23 @@ class Mutex:
         return f"thread {owner}"
 
     def __enter__(self) -> Mutex:
+        # lock(), its common case in place: a free lock, no scheduler, not held by me
+        if self.kernel.sched is None and self._lock.acquire(False):
+            self.owner, self._depth = get_ident(), 1
+            return self
         self.lock()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.unlock()
+        # unlock(), in place
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        self.owner = None
+        self._lock.release()
+        sched = self.kernel.sched
+        if sched is not None:
+            sched.preempt(f"mutex_unlock({self.name})")
 
 
 __all__ = ["Mutex"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
+from vfio_emu import stack as _stack
 from vfio_emu.errors import InvalidArgumentError, KasanDoubleFree, KasanUseAfterFree
 from vfio_emu.stack import Stack, caller_stack, capture_stack, getpid
 
@@ -138,11 +139,13 @@ def kzalloc(kernel: Kernel, cls: type[_T]) -> _T | None:
     if kernel.should_fail_alloc(cls.__name__):
         return None
     obj = object.__new__(cls)
-    d = object.__getattribute__(obj, "__dict__")
-    d["_kmem"] = Memory(kernel, f"{cls.__name__}@{id(obj):#x}", capture_stack(), obj=obj)
-    kernel.allocations[id(obj)] = d["_kmem"]
+    key = id(obj)
+    object.__getattribute__(obj, "__dict__")["_kmem"] = kernel.allocations[key] = Memory(
+        kernel, f"{cls.__name__}@{key:#x}", capture_stack(), _stack.PID, obj=obj)
     obj._kzalloc(kernel)
-    kernel.preempt(f"kzalloc {cls.__name__}")
+    sched = kernel.sched  # kernel.preempt(), without its call when there is none
+    if sched is not None:
+        sched.preempt(f"kzalloc {cls.__name__}")
     return obj
 
 
@@ -163,10 +166,11 @@ def module_static(kernel: Kernel, cls: type[_T]) -> _T:
 
 def kfree(obj: Tracked) -> None:
     """kfree()/kvfree(): poison the struct; freeing it again is a double-free."""
-    mem = mem_of(obj) if isinstance(obj, Tracked) else None
+    d = object.__getattribute__(obj, "__dict__") if isinstance(obj, Tracked) else {}
+    mem: Memory | None = d.get("_kmem")  # mem_of(obj)
     if mem is None or mem.static:
         raise InvalidArgumentError(f"kfree: {obj!r} was not allocated by kzalloc()")
-    container = object.__getattribute__(obj, "__dict__").get("_kembedded_in")
+    container = d.get("_kembedded_in")
     if container is not None:
         raise InvalidArgumentError(f"kfree: invalid-free of a {type(obj).__name__} embedded in "
                                    f"{container}: free the container")
@@ -192,10 +196,12 @@ def kfree(obj: Tracked) -> None:
         if sched is not None:
             sched.atomic -= 1
     mem.free_stack = capture_stack()
-    mem.free_pid = getpid()
+    mem.free_pid = _stack.PID  # getpid()
     mem.obj = None
     mem.kernel.allocations.pop(id(obj), None)
-    mem.kernel.preempt(f"kfree {mem.what}")
+    sched = mem.kernel.sched
+    if sched is not None:
+        sched.preempt(f"kfree {mem.what}")
 
 
 kvfree = kfree

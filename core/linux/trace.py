@@ -7,10 +7,11 @@ primitives: a Kref.get()/put() on its own stays one C call.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import threading
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Protocol
 
-from vfio_emu.stack import getpid
+from vfio_emu import stack as _stack
 
 
 @dataclass(frozen=True)
@@ -83,26 +84,66 @@ class Switch(Protocol):
     def preempt(self, op: str) -> None: ...
 
 
-@dataclass
+_FIELDS = tuple(f.name for f in fields(Event))
+assert _FIELDS == ("jiffies", "pid", "device", "op", "kref", "refcount", "open_count",
+                   "detail", "task"), "Trace.add() stores Event's fields in this order"
+
+
 class Trace:
     """The events of one emulated kernel, in order (thread-safe append).
 
-    Under a scheduler (`sched` set), each event names its task, and each is a switch
-    point: another task may run right after it.
+    A transition costs one tuple and one append: the Events are made from the pending
+    tuples, in order, when `events` is read.  Under a scheduler (`sched` set), each event
+    names its task, and each is a switch point: another task may run right after it.
     """
 
-    events: list[Event] = field(default_factory=list)
-    sched: Switch | None = None
+    def __init__(self, events: list[Event] | None = None, sched: Switch | None = None) -> None:
+        self._events: list[Event] = [] if events is None else events
+        #: Recorded and not yet read: Event field tuples (add()), or Events (record()).  The
+        #: model's busiest path (linux.vfio._trace) appends add()'s tuple here itself when no
+        #: scheduler runs.  Only ever appended to, and emptied from the front by `events`.
+        self.pending: list[tuple[Any, ...] | Event] = []
+        self._reading = threading.Lock()
+        self.sched = sched
+
+    @property
+    def events(self) -> list[Event]:
+        """Every event so far, in order: always the same list (it only grows, unless its
+        reader clears it)."""
+        pending = self.pending
+        if pending:
+            with self._reading:
+                n = len(pending)  # appends after this are left for the next reader
+                if n:
+                    self._events.extend(e if isinstance(e, Event) else Event(*e)
+                                        for e in pending[:n])
+                    del pending[:n]  # one slice deletion: atomic with other threads' appends
+        return self._events
 
     def record(self, jiffies: int, device: str, op: str, **fields: Any) -> Event:
+        """Record one event, with any of Event's other fields, and return it."""
         sched = self.sched
         if sched is not None:
             fields["task"] = sched.current_name()
-        event = Event(jiffies, getpid(), device, op, **fields)
-        self.events.append(event)  # one append: atomic, so threads need no lock
+        event = Event(jiffies, _stack.PID, device, op, **fields)
+        self.pending.append(event)  # one append: atomic, so threads need no lock
         if sched is not None:
             sched.preempt(op)
         return event
+
+    def add(self, jiffies: int, device: str, op: str, kref: tuple[int, int] | None = None,
+            refcount: tuple[int, int] | None = None, open_count: int | None = None,
+            detail: str = "") -> None:
+        """record() without the Event now (it is made when `events` is read): the same
+        event, for the model's transitions and any caller that needs nothing back."""
+        sched = self.sched
+        if sched is None:
+            self.pending.append((jiffies, _stack.PID, device, op, kref, refcount,
+                                  open_count, detail, ""))
+            return
+        self.pending.append((jiffies, _stack.PID, device, op, kref, refcount, open_count,
+                              detail, sched.current_name()))
+        sched.preempt(op)
 
     def timeline(self) -> str:
         """The events as a readable timeline, one per line."""

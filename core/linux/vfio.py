@@ -19,8 +19,10 @@ import enum
 import os
 import threading
 from dataclasses import dataclass, field
+from threading import get_ident
 from typing import Any, TypeVar
 
+from vfio_emu import stack as _stack
 from vfio_emu.errors import EmulatorError, HangError, InvalidArgumentError
 from vfio_emu.linux.device import Device
 from vfio_emu.linux.errno import EBUSY, EINVAL, ENODEV, ENOMEM, ENOSPC
@@ -61,10 +63,16 @@ class Core:
     in_sysfs: bool = False  # device_add() to device_del(): holds a reference on dev
     kvm: Any = None  # valid between open_device and close_device
     holders: list[tuple[int, Stack]] = field(default_factory=list)  # get_device() callers
+    #: "vfio<index>", or "vfio?@<address>" without an index: kept with the index (set_index),
+    #: as every traced transition names the device.
+    name: str = field(default="", init=False)
 
-    @property
-    def name(self) -> str:
-        return f"vfio{self.index}" if self.index >= 0 else f"vfio?@{id(self):#x}"
+    def __post_init__(self) -> None:
+        self.set_index(self.index)
+
+    def set_index(self, index: int) -> None:
+        self.index = index
+        self.name = f"vfio{index}" if index >= 0 else f"vfio?@{id(self):#x}"
 
 
 class VfioDevice(Tracked):
@@ -78,8 +86,7 @@ class VfioDevice(Tracked):
     def _kzalloc(self, kernel: Kernel) -> None:
         name = f"{type(self).__name__}@{id(self):#x}"
         a = kernel.arena
-        kref = a.kref(label=f"{name}.kref")
-        kref.refcount.set(0)  # zeroed memory: 0 until device_initialize() makes it 1
+        kref = a.kref(label=f"{name}.kref", count=0)  # zeroed: device_initialize() makes it 1
         object.__getattribute__(self, "__dict__")["_vfio"] = Core(
             kernel, kref, a.refcount(0, label=f"{name}.reg"), a.completion(label=f"{name}.comp"))
 
@@ -88,7 +95,7 @@ class VfioDevice(Tracked):
         core.state = State.FREED
         for handle in (core.kref, core.refcount, core.comp):
             handle.free()  # the counters were in this memory
-        core.kernel.trace.record(core.kernel.jiffies(), core.name, "kfree")
+        core.kernel.trace.add(core.kernel.jiffies(), core.name, "kfree")
 
     def __repr__(self) -> str:
         core = object.__getattribute__(self, "__dict__").get("_vfio")
@@ -182,12 +189,13 @@ class DeviceSet(Tracked):
 
     def __enter__(self) -> DeviceSet:
         """mutex_lock(&dev_set->lock): lockdep's report instead of a self-deadlock."""
-        if self.lock.held():
+        lock = self.lock
+        if lock.owner == get_ident():  # lock.held()
             raise HangError(self.kernel.report(
                 "WARN", "WARNING: possible recursive locking detected",
                 f"this task already holds &dev_set->lock of {self.describe()} and takes it "
                 "again: it would deadlock"))
-        self.lock.lock()
+        lock.lock()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -221,8 +229,8 @@ def vfio_assign_device_set(vdev: VfioDevice, set_id: Any) -> int:
         else:
             dev_set.device_list.append(vdev)
         core.dev_set = dev_set
-    kernel.trace.record(kernel.jiffies(), core.name, "vfio_assign_device_set",
-                        detail=f"{dev_set.describe()} count {dev_set.device_count}")
+    kernel.trace.add(kernel.jiffies(), core.name, "vfio_assign_device_set",
+                     detail=f"{dev_set.describe()} count {dev_set.device_count}")
     return 0
 
 
@@ -262,11 +270,13 @@ def _counts(core: Core) -> tuple[int, int]:
 def _trace(core: Core, op: str, kref: tuple[int, int] | None = None,
            reg: tuple[int, int] | None = None, detail: str = "") -> None:
     kernel = core.kernel
-    if kref is None and reg is None and not detail:  # the Event's defaults: fewer keywords
-        kernel.trace.record(kernel.jiffies(), core.name, op, open_count=core.open_count)
-        return
-    kernel.trace.record(kernel.jiffies(), core.name, op, kref=kref, refcount=reg,
-                        open_count=core.open_count, detail=detail)
+    trace = kernel.trace
+    # Trace.add() in place, without a scheduler (and kernel.jiffies(): one int, read)
+    if trace.sched is None:
+        trace.pending.append((kernel._work_now, _stack.PID, core.name, op, kref, reg,
+                               core.open_count, detail, ""))
+    else:
+        trace.add(kernel._work_now, core.name, op, kref, reg, core.open_count, detail)
 
 
 _V = TypeVar("_V", bound="VfioDevice")
@@ -289,7 +299,8 @@ def vfio_alloc_device(cls: type[_V], dev: Device, ops: Any) -> _V | int:
     vdev = kzalloc(kernel, cls)
     if vdev is None:
         return -ENOMEM
-    ret = _init_device(vdev, dev, ops)
+    # The ida takes its index in this same call: its stack is the allocation's.
+    ret = _init_device(vdev, dev, ops, _dict_of(vdev, "__dict__")["_kmem"].alloc_stack)
     if ret:
         kvfree(vdev)
         return ret
@@ -310,7 +321,9 @@ def vfio_init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
     return _init_device(vdev, dev, ops)
 
 
-def _init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
+def _init_device(vdev: VfioDevice, dev: Device, ops: Any, stack: Stack | None = None) -> int:
+    """vfio_init_device(); `stack`: the caller's, when its caller has it already (the stack
+    capture_stack() would take here)."""
     core = core_of(vdev, "vfio_init_device")
     if not isinstance(dev, Device) or dev.kernel is not core.kernel:
         raise InvalidArgumentError(f"vfio_init_device: {dev!r} is not a device of this kernel")
@@ -323,8 +336,8 @@ def _init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
             free += 1
         if free > MINORMASK:
             return -ENOSPC
-        kernel.ida[free] = capture_stack()
-    core.index = free
+        kernel.ida[free] = capture_stack() if stack is None else stack
+    core.set_index(free)
     core.comp.init()
     core.dev, core.ops = dev, ops
     init = getattr(ops, "init", None)
@@ -338,7 +351,7 @@ def _init_device(vdev: VfioDevice, dev: Device, ops: Any) -> int:
             vfio_release_device_set(vdev)
             kernel.ida.pop(free, None)
             _trace(core, "vfio_init_device: init failed", detail=f"ret {ret}")
-            core.index = -1
+            core.set_index(-1)
             return int(ret)
     if core.initialized:
         # What kobject_init() says when the embedded kobject was never released or memset.
@@ -451,7 +464,8 @@ def memset_vfio_device(vdev: VfioDevice) -> None:
     core.kref.refcount.set(0)
     core.refcount.set(0)
     core.comp.reinit()
-    core.index, core.dev, core.ops, core.dev_set = -1, None, None, None
+    core.set_index(-1)
+    core.dev, core.ops, core.dev_set = None, None, None
     core.open_count, core.initialized, core.in_sysfs = 0, False, False
     core.holders.clear()
     core.state = State.ALLOCATED

@@ -327,10 +327,13 @@ class Arena:
         return r
 
     def kref(self, label: str | None = None,
-             release: Callable[[Kref], object] | None = None) -> Kref:
-        """A kref after kref_init() (count 1); release is the default for put()."""
+             release: Callable[[Kref], object] | None = None, *, count: int = 1) -> Kref:
+        """A kref after kref_init() (count 1); release is the default for put().
+        count=0: the kref of zeroed memory, before its kref_init()."""
+        if count not in (0, 1):
+            raise InvalidArgumentError(f"count={count!r}: a new kref holds 1, or 0 (zeroed)")
         k = self._alloc(Kref, label)
-        C.refcount_set(k._h, 1)
+        C.refcount_set(k._h, count)
         k.release = release
         return k
 
@@ -437,10 +440,12 @@ class Arena:
             raise InvalidArgumentError(f"label {label!r} contains a NUL character")
         if label and label.isascii() and len(label) < C.LABEL_MAX:
             raw = label.encode()  # fits as it is (the common case)
+            text = label
         else:
             # Cut to the slot's field on a character boundary, so every reader decodes the same.
             raw = (label or "").encode("utf-8", "replace")[: C.LABEL_MAX - 1]
-            raw = raw.decode("utf-8", "ignore").encode()
+            text = raw.decode("utf-8", "ignore")
+            raw = text.encode()
         h = C.new("vfio_handle_t *")
         rc = C.slot_alloc(self._ptr, cls.KIND, raw, h)
         if rc == C.E_FULL:
@@ -448,7 +453,7 @@ class Arena:
                 f"arena '{self._name}' is full: all {self._capacity} slots are in use")
         if rc:
             raise self._status_error(rc, "allocate")
-        return cls(self, h, raw.decode(), _key=_ARENA_ONLY)
+        return cls(self, h, text, _key=_ARENA_ONLY)
 
     def _open(self, kind: object, index: object, gen: object, incarnation: object) -> Any:
         if type(kind) is not int or kind not in _CLASSES:

@@ -96,6 +96,55 @@ def test_an_event_is_made_as_its_frozen_dataclass_would_make_it():
         assert str(dir_err.value) == str(gen_err.value).replace("Generated", "Direct")
 
 
+def test_the_trace_makes_its_events_when_read_in_order_into_one_list():
+    """add() keeps a tuple and record() an Event; reading `events` makes the Events of
+    both, in the order recorded, into the one list every reader holds."""
+    from vfio_emu.linux.trace import Event, Trace
+    from vfio_emu.stack import getpid
+
+    t = Trace()
+    first = t.events
+    t.add(1, "vfio0", "a", (0, 1), None, 0)
+    made = t.record(2, "vfio0", "b", detail="x")
+    t.add(3, "-", "c", detail="y")
+    assert t.events is first and first[1] is made
+    assert first == [Event(1, getpid(), "vfio0", "a", kref=(0, 1), open_count=0),
+                     Event(2, getpid(), "vfio0", "b", detail="x"),
+                     Event(3, getpid(), "-", "c", detail="y")]
+    first.clear()  # a reader may clear it (keeping memory flat over many rounds)
+    t.add(4, "vfio0", "d")
+    assert t.events is first and [e.op for e in first] == ["d"]
+    assert t.timeline() == str(first[0])
+
+
+def test_the_trace_loses_no_event_to_a_reader_while_threads_record():
+    import threading
+
+    from vfio_emu.linux.trace import Trace
+
+    t, n = Trace(), 20000
+    start = threading.Barrier(3)
+
+    def writer(name: str) -> None:
+        start.wait()
+        for i in range(n):
+            t.add(i, name, "op")
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in ("w1", "w2")]
+    for th in threads:
+        th.start()
+    start.wait()
+    seen = 0
+    while any(th.is_alive() for th in threads):
+        seen = len(t.events)  # reads race the appends
+    for th in threads:
+        th.join()
+    events = t.events
+    assert len(events) == 2 * n and seen <= len(events)
+    for name in ("w1", "w2"):
+        assert [e.jiffies for e in events if e.device == name] == list(range(n))
+
+
 # -- the delayed-release worker ------------------------------------------------------------
 
 def test_a_delayed_release_that_raises_an_unreported_error_is_reported(make_kernel):

@@ -199,3 +199,37 @@ def test_vfio_init_device_is_not_for_drivers_in_v62(make_kernel):
         vfio_init_device(vdev, k.device(NAME), Driver(k))
     kfree(vdev)
     assert_clean(k)
+
+
+def _index_stack_and_mine(k: Kernel, alloc: Any) -> tuple[Any, Any]:
+    """The stack the ida keeps for the index `alloc()` takes, and this caller's own."""
+    from vfio_emu.stack import capture_stack
+
+    def caller() -> tuple[Any, Any]:
+        vdev = alloc()
+        return vdev, capture_stack()  # the line below the alloc: the same frames but one
+
+    vdev, mine = caller()
+    taken = k.ida[core_of(vdev, "test").index]
+    vfio_put_device(vdev)
+    return taken, mine
+
+
+@BOTH
+def test_the_index_is_taken_by_the_allocating_caller_s_stack(make_kernel, semantics):
+    """vfio_alloc_device() gives the ida the allocation's stack (captured once): the
+    caller's frames, as vfio_init_device() called by a driver records its own."""
+    k = make_kernel(semantics=semantics)
+    drv = Driver(k)
+    taken, mine = _index_stack_and_mine(k, lambda: vfio_alloc_device(Priv, k.device(NAME), drv))
+    assert taken[-1][2] == "<lambda>" and taken[-3] == mine[-2]
+    assert taken[-2][2] == "caller" and taken[-2][1] == mine[-1][1] - 1
+    if semantics == "v6.1":
+        def init() -> Any:
+            vdev = kzalloc(k, Priv)
+            assert vfio_init_device(vdev, k.device(NAME), drv) == 0
+            return vdev
+        taken, mine = _index_stack_and_mine(k, init)
+        assert taken[-1][2] == "init" and taken[-1][1] == init.__code__.co_firstlineno + 2
+        assert taken[-2][2] == "caller" and taken[-3] == mine[-2]
+    assert_clean(k)

@@ -119,6 +119,108 @@ def test_dispatch_follows_plugins_registered_later(kernel):
     p.driver("a").remove(kernel, kernel.device("x"))
 
 
+class Partial(GenericBusDriver):
+    """Ops that declare fewer arguments than their hookspecs (pluggy passes what each
+    hookimpl names), and invariants that are and are not broken."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        self.broken: list[str] | None = None
+
+    @hookimpl
+    def request(self, vdev):  # no count
+        self.requests.append("asked")
+
+    @hookimpl
+    def match(self, buf):  # no vdev
+        return 1 if buf == "x" else 0
+
+    @hookimpl
+    def check_invariants(self, driver):  # no kernel
+        return self.broken
+
+
+def _caller_of_op():
+    """A driver mixin whose open_device notes which function called it."""
+    import sys
+
+    seen: list[str] = []
+
+    class Spy:
+        @hookimpl
+        def open_device(self, vdev):
+            seen.append(sys._getframe(1).f_code.co_name)
+            return 0
+
+    return Spy, seen
+
+
+def test_a_hook_only_its_driver_implements_is_called_directly_until_observed(kernel):
+    """No observer wraps open_device: the model calls the driver's function itself (no
+    pluggy frame between); while an observer wraps it, pluggy dispatches, and after it
+    leaves the direct call is back."""
+    spy, seen = _caller_of_op()
+
+    class Driver(spy, Recorder):
+        pass
+
+    class WrapsOpen:
+        def __init__(self) -> None:
+            self.seen = 0
+
+        @hookimpl(wrapper=True)
+        def open_device(self, vdev):
+            self.seen += 1
+            return (yield)
+
+    drv = plugins_with(("d", Driver("d"))).driver("d")
+    assert drv.ops.open_device == Driver.open_device.__get__(drv.plugin)
+    dev = kernel.device("x")
+    assert drv.probe(kernel, dev) == 0
+    observer = WrapsOpen()
+    for observe in (False, True, False):
+        fd = vfio_group_get_device_fd(kernel, "x")
+        if observe:
+            with drv.observed(observer):
+                fd.close()
+                fd = vfio_group_get_device_fd(kernel, "x")
+                assert seen[-1] == "_multicall" and observer.seen == 1
+        else:
+            assert seen[-1] == "vfio_group_get_device_fd"  # the model: nothing between
+        fd.close()
+    drv.remove(kernel, dev)
+    assert kernel.findings() == [] and kernel.leak_check() == []
+
+
+def test_a_hookimpl_called_directly_gets_the_arguments_it_names_and_returns_as_pluggy(kernel):
+    """The same calls, directly and through pluggy (hook tracing on): the same results."""
+    results = []
+    for trace in (False, True):
+        plugin = Partial()
+        p = Plugins(builtins=(), load_entrypoints=False, trace=trace)
+        p.register(plugin, "partial")
+        drv = p.driver("partial")
+        got = [drv.ops.match(None, "x"), drv.ops.match(None, "y"), drv.ops.request(None, 3)]
+        got += [plugin.requests, drv.invariants(kernel), drv.init_module(kernel)]
+        plugin.broken = ["a promise"]
+        got += [drv.invariants(kernel), drv.known_findings(), drv.exit_module(kernel)]
+        results.append(got)
+    direct, pluggy = results
+    assert direct[:2] == [1, 0] and direct[3:] == [["asked"], [], 0, ["a promise"], [], None]
+    assert direct[2] is None and pluggy[2] == []  # a void op: pluggy's list of no result
+    assert direct[:2] + direct[3:] == pluggy[:2] + pluggy[3:]
+
+
+def test_with_hook_tracing_every_call_goes_through_pluggy(kernel, capfd):
+    p = Plugins(builtins=(), load_entrypoints=False, trace=True)
+    p.register(Recorder("a"), "a")
+    drv = p.driver("a")
+    assert drv.probe(kernel, kernel.device("x")) == 0
+    drv.remove(kernel, kernel.device("x"))
+    err = capfd.readouterr().err
+    assert "probe" in err and "init" in err and "release" in err
+
+
 def test_a_driver_without_release_has_no_release_op_and_oopses_in_v61(kernel):
     p = plugins_with(("norel", NoRelease("norel")))
     drv = p.driver("norel")

@@ -124,6 +124,22 @@ def test_stale_handle_to_a_reused_slot_does_not_touch_the_new_object(arena):
     assert new.read() == 5
 
 
+def test_a_kref_starts_at_one_or_as_zeroed_memory_holds_it(arena):
+    one, zero = arena.kref(label="init"), arena.kref(label="zeroed", count=0)
+    assert (one.read(), zero.read()) == (1, 0) and zero.label == "zeroed"
+    zero.init()
+    assert zero.put() == 1
+    for bad in (2, -1, "0"):
+        with pytest.raises(InvalidArgumentError):
+            arena.kref(count=bad)
+    for k in (one, zero):
+        k.free()
+    long = arena.kref(label="é" * C.LABEL_MAX)  # cut on a character boundary, as before
+    assert long.label == "é" * ((C.LABEL_MAX - 1) // 2) and arena.objects()[0].label == long.label
+    long.free()
+    assert arena.in_use == 0
+
+
 def test_double_free_raises_double_free_error(arena):
     k = arena.kref(label="twice")
     k.free()
