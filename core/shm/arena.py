@@ -324,7 +324,8 @@ class Arena:
 
     def refcount(self, value: int = 1, label: str | None = None) -> Refcount:
         """A refcount_t set to value (REFCOUNT_INIT(value))."""
-        n = int32(value, "value")
+        n = value if type(value) is int and -(1 << 31) <= value < (1 << 31) else int32(
+            value, "value")
         r = self._alloc(Refcount, label)
         C.refcount_set(r._h, n)
         return r
@@ -449,7 +450,7 @@ class Arena:
             raw = (label or "").encode("utf-8", "replace")[: C.LABEL_MAX - 1]
             text = raw.decode("utf-8", "ignore")
             raw = text.encode()
-        h = C.new("vfio_handle_t *")
+        h = C.new(C.HANDLE_P)
         rc = C.slot_alloc(self._ptr, cls.KIND, raw, h)
         if rc == C.E_FULL:
             raise ArenaFullError(
