@@ -48,7 +48,9 @@ class RWSem:
         self._writers_waiting = 0  # only a waiting writer is woken
 
     def down_read_trylock(self) -> bool:
-        self._kernel.preempt("down_read_trylock(&parent->unreg_sem)")
+        sched = self._kernel.sched  # kernel.preempt(), without its call when none runs
+        if sched is not None:
+            sched.preempt("down_read_trylock(&parent->unreg_sem)")
         with self._lock:
             if self._writer:
                 return False
@@ -60,7 +62,9 @@ class RWSem:
             self._readers -= 1
             if self._writers_waiting and self._cond is not None:
                 self._cond.notify_all()
-        self._kernel.preempt("up_read(&parent->unreg_sem)")
+        sched = self._kernel.sched  # kernel.preempt(), without its call when none runs
+        if sched is not None:
+            sched.preempt("up_read(&parent->unreg_sem)")
 
     def down_write(self) -> None:
         kernel = self._kernel
@@ -97,7 +101,9 @@ class RWSem:
             self._writer = False
             if self._writers_waiting and self._cond is not None:
                 self._cond.notify_all()
-        self._kernel.preempt("up_write(&parent->unreg_sem)")
+        sched = self._kernel.sched  # kernel.preempt(), without its call when none runs
+        if sched is not None:
+            sched.preempt("up_write(&parent->unreg_sem)")
 
 
 class MdevType(Tracked):
