@@ -41,13 +41,16 @@ class RWSem:
     def __init__(self, kernel: Kernel) -> None:
         self._kernel = kernel
         self._lock = threading.Lock()  # never taken twice by one thread: no RLock needed
-        self._cond = threading.Condition(self._lock)
+        #: What a waiting down_write() sleeps on: made (under _lock) by the first one.
+        self._cond: threading.Condition | None = None
         self._readers = 0
         self._writer = False
-        self._writers_waiting = 0  # up_read() wakes only a writer that waits
+        self._writers_waiting = 0  # only a waiting writer is woken
 
     def down_read_trylock(self) -> bool:
-        self._kernel.preempt("down_read_trylock(&parent->unreg_sem)")
+        sched = self._kernel.sched  # kernel.preempt(), without its call when none runs
+        if sched is not None:
+            sched.preempt("down_read_trylock(&parent->unreg_sem)")
         with self._lock:
             if self._writer:
                 return False
@@ -57,9 +60,11 @@ class RWSem:
     def up_read(self) -> None:
         with self._lock:
             self._readers -= 1
-            if self._writers_waiting:
+            if self._writers_waiting and self._cond is not None:
                 self._cond.notify_all()
-        self._kernel.preempt("up_read(&parent->unreg_sem)")
+        sched = self._kernel.sched  # kernel.preempt(), without its call when none runs
+        if sched is not None:
+            sched.preempt("up_read(&parent->unreg_sem)")
 
     def down_write(self) -> None:
         kernel = self._kernel
@@ -72,26 +77,33 @@ class RWSem:
             self._writer = True
             return
         limit = time.monotonic() + kernel.lock_timeout_s()
-        with self._cond:
-            self._writers_waiting += 1
-            try:
-                while self._writer or self._readers:
-                    kernel.run_delayed_work()  # a waiting task lets queued releases run
-                    if time.monotonic() >= limit:
-                        raise HangError(kernel.report(
-                            "hang", kernel.hung_task(kernel.lock_timeout_s()),
-                            f"down_write(&parent->unreg_sem): {self._readers} "
-                            f"reader(s){' and a writer' if self._writer else ''} hold it"))
-                    self._cond.wait(0.02)  # bounded, so signal handlers run
-            finally:
-                self._writers_waiting -= 1
+        with self._lock:
+            if self._writer or self._readers:
+                if self._cond is None:
+                    self._cond = threading.Condition(self._lock)
+                cond = self._cond
+                self._writers_waiting += 1
+                try:
+                    while self._writer or self._readers:
+                        kernel.run_delayed_work()  # a waiting task lets queued releases run
+                        if time.monotonic() >= limit:
+                            raise HangError(kernel.report(
+                                "hang", kernel.hung_task(kernel.lock_timeout_s()),
+                                f"down_write(&parent->unreg_sem): {self._readers} "
+                                f"reader(s){' and a writer' if self._writer else ''} hold it"))
+                        cond.wait(0.02)  # bounded, so signal handlers run
+                finally:
+                    self._writers_waiting -= 1
             self._writer = True
 
     def up_write(self) -> None:
-        with self._cond:
+        with self._lock:
             self._writer = False
-            self._cond.notify_all()
-        self._kernel.preempt("up_write(&parent->unreg_sem)")
+            if self._writers_waiting and self._cond is not None:
+                self._cond.notify_all()
+        sched = self._kernel.sched  # kernel.preempt(), without its call when none runs
+        if sched is not None:
+            sched.preempt("up_write(&parent->unreg_sem)")
 
 
 class MdevType(Tracked):

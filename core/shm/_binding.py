@@ -16,6 +16,8 @@ from vfio_emu.shm._core import ffi, lib
 from vfio_emu.shm._fast import lib as fast
 
 new = ffi.new
+#: The handle type, resolved once (ffi.new() of a string looks its type up on every call).
+HANDLE_P = ffi.typeof("vfio_handle_t *")
 string = ffi.string
 gc = ffi.gc
 NULL = ffi.NULL

@@ -141,6 +141,9 @@ def _os_error(rc: int, err: int, name: str) -> ArenaError:
     return ArenaError(f"arena '{name}': {os.strerror(err) if err else f'status {rc}'}")
 
 
+_new_handle = object.__new__
+
+
 def _unlink_at_exit(name: str, creator_pid: int) -> None:
     """Safety net for a creator that never closed: unlink at collection or exit."""
     if os.getpid() == creator_pid:
@@ -321,7 +324,8 @@ class Arena:
 
     def refcount(self, value: int = 1, label: str | None = None) -> Refcount:
         """A refcount_t set to value (REFCOUNT_INIT(value))."""
-        n = int32(value, "value")
+        n = value if type(value) is int and -(1 << 31) <= value < (1 << 31) else int32(
+            value, "value")
         r = self._alloc(Refcount, label)
         C.refcount_set(r._h, n)
         return r
@@ -334,7 +338,7 @@ class Arena:
             raise InvalidArgumentError(f"count={count!r}: a new kref holds 1, or 0 (zeroed)")
         k = self._alloc(Kref, label)
         C.refcount_set(k._h, count)
-        k.release = release
+        k.release = release  # Kref.__init__'s one field of its own (_alloc does not run it)
         return k
 
     def completion(self, label: str | None = None) -> Completion:
@@ -446,14 +450,18 @@ class Arena:
             raw = (label or "").encode("utf-8", "replace")[: C.LABEL_MAX - 1]
             text = raw.decode("utf-8", "ignore")
             raw = text.encode()
-        h = C.new("vfio_handle_t *")
+        h = C.new(C.HANDLE_P)
         rc = C.slot_alloc(self._ptr, cls.KIND, raw, h)
         if rc == C.E_FULL:
             raise ArenaFullError(
                 f"arena '{self._name}' is full: all {self._capacity} slots are in use")
         if rc:
             raise self._status_error(rc, "allocate")
-        return cls(self, h, text, _key=_ARENA_ONLY)
+        # cls(self, h, text, _key=_ARENA_ONLY), its fields stored in place (kref() sets the
+        # one field Kref adds)
+        obj = _new_handle(cls)
+        obj._arena, obj._h, obj._label = self, h, text
+        return obj
 
     def _open(self, kind: object, index: object, gen: object, incarnation: object) -> Any:
         if type(kind) is not int or kind not in _CLASSES:

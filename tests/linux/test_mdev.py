@@ -238,3 +238,53 @@ def test_create_after_the_parent_is_unregistered_finds_no_create_file(make_kerne
     assert drv.ops.calls == []
     kfree(holder)
     assert_clean(k)
+
+
+# -- the parent's unreg_sem ----------------------------------------------------------------
+
+def test_unreg_sem_down_write_waits_for_the_readers_and_then_shuts_them_out(make_kernel):
+    import threading
+
+    from vfio_emu.linux.mdev import RWSem
+
+    k = make_kernel(watchdog_s=30)
+    sem = RWSem(k)
+    assert sem.down_read_trylock() and sem.down_read_trylock()
+    taken = threading.Event()
+
+    def writer() -> None:
+        sem.down_write()
+        taken.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert not taken.wait(0.1)  # two readers hold it
+        sem.up_read()
+        assert not taken.wait(0.1)  # one still does
+        sem.up_read()
+        assert taken.wait(30)
+        assert not sem.down_read_trylock()  # a writer holds it
+        sem.up_write()
+        assert sem.down_read_trylock()
+        sem.up_read()
+        sem.down_write()  # nobody holds it: no wait
+        sem.up_write()
+    finally:
+        t.join(30)
+    assert_clean(k)
+
+
+def test_unreg_sem_held_by_a_reader_forever_is_the_watchdog_s_hang(make_kernel):
+    from vfio_emu.errors import HangError
+    from vfio_emu.linux.mdev import RWSem
+
+    k = make_kernel(watchdog_s=1, lock_watchdog_s=0.2)
+    sem = RWSem(k)
+    assert sem.down_read_trylock()
+    with pytest.raises(HangError):
+        sem.down_write()
+    assert "down_write(&parent->unreg_sem): 1 reader(s) hold it" in only_report(k, "hang").detail
+    sem.up_read()
+    sem.down_write()  # the failed writer left nothing behind
+    sem.up_write()
