@@ -338,7 +338,8 @@ class Arena:
             raise InvalidArgumentError(f"count={count!r}: a new kref holds 1, or 0 (zeroed)")
         k = self._alloc(Kref, label)
         C.refcount_set(k._h, count)
-        k.release = release  # Kref.__init__'s one field of its own (_alloc does not run it)
+        k.release = release  # what Kref.__init__ adds (_alloc does not run it)
+        k._bind()
         return k
 
     def completion(self, label: str | None = None) -> Completion:
@@ -457,8 +458,8 @@ class Arena:
                 f"arena '{self._name}' is full: all {self._capacity} slots are in use")
         if rc:
             raise self._status_error(rc, "allocate")
-        # cls(self, h, text, _key=_ARENA_ONLY), its fields stored in place (kref() sets the
-        # one field Kref adds)
+        # cls(self, h, text, _key=_ARENA_ONLY), its fields stored in place (kref() adds what
+        # Kref.__init__ adds)
         obj = _new_handle(cls)
         obj._arena, obj._h, obj._label = self, h, text
         return obj

@@ -157,7 +157,11 @@ class Kref(Handle):
     def __init__(self, arena: Arena, h: Any, label: str, *, _key: object = None) -> None:
         super().__init__(arena, h, label, _key=_key)
         self.release: Optional[Release] = None  # noqa: UP045 - runtime annotation on 3.10
-        ops = C.RefOps(C.address(h), h, self._slow, self._put_slow)
+        self._bind()
+
+    def _bind(self) -> None:
+        """get and put: the C methods of a RefOps bound to this kref's handle."""
+        ops = C.RefOps(C.address(self._h), self._h, self._slow, self._put_slow)
         self.get, self.put = ops.get, ops.put
 
     @property

@@ -644,10 +644,13 @@ def test_warns_racing_into_a_one_record_ring_are_kept_whole_or_dropped(make_aren
 
 def test_kref_get_and_put_are_c_methods_bound_to_the_handle(arena):
     k = arena.kref()
-    assert inspect.isbuiltin(k.get) and inspect.isbuiltin(k.put)
+    again = arena.open(k.token)  # made by the class, not in place: the same methods
+    for kref in (k, again):
+        assert inspect.isbuiltin(kref.get) and inspect.isbuiltin(kref.put)
     k.get()
-    assert k.read() == 2
-    assert k.put() == 0 and k.put(release=None) == 1
+    again.get()
+    assert k.read() == 3
+    assert k.put() == 0 and again.put() == 0 and k.put(release=None) == 1
 
 
 def test_kref_put_refuses_what_a_python_put_would(arena):
