@@ -66,7 +66,7 @@ def run_isolated(fn: Callable[[], Any], budget_s: float = BUDGET_S) -> Any:
         data = _read_all(r, pid, budget_s + 30)
         elapsed = time.monotonic() - started
         _, status = os.waitpid(pid, 0)
-        _unlink_segments_of(pid)
+        unlink_segments_of(pid)
         if data:
             kind, value = pickle.loads(data)
             if kind == "ok":
@@ -103,7 +103,7 @@ def _read_all(fd: int, pid: int, timeout_s: float) -> bytes:
             chunks.append(chunk)
 
 
-def _unlink_segments_of(pid: int) -> None:
+def unlink_segments_of(pid: int) -> None:
     """Arena segments a child created and could not close (it hung or died): by the
     default name Arena.create gives them."""
     try:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vfio_emu.check.battery import _one, timeline_line
+from vfio_emu.check.isolate import unlink_segments_of
 from vfio_emu.check.verdict import FAIL, KNOWN, NOT_APPLICABLE, Mode, Verdict
 from vfio_emu.errors import EmulatorError, InvalidArgumentError
 from vfio_emu.explore.scenarios import RACES, Race
@@ -400,6 +401,7 @@ def _fork_all(workers: list[Callable[[Callable[..., None]], None]],
                     os.close(fd)
                     del children[fd]
                     _, status = os.waitpid(pid, 0)
+                    unlink_segments_of(pid)  # a worker killed or crashed cannot close its own
                     if stop:
                         continue
                     if os.WIFSIGNALED(status):
@@ -413,6 +415,7 @@ def _fork_all(workers: list[Callable[[Callable[..., None]], None]],
             _kill(pid)
             os.close(fd)
             os.waitpid(pid, 0)
+            unlink_segments_of(pid)
 
 
 def _kill(pid: int) -> None:

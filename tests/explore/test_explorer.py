@@ -5,6 +5,7 @@ fixed twin survives every schedule with up to two preemptions."""
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -346,10 +347,33 @@ class CrashesOnClose(FreesRegionsAfterUnregister):
         ctypes.string_at(0)  # BUG: the driver's C code dereferences NULL
 
 
+def _orphans() -> set[str]:
+    """Arena segments whose creator is dead (other processes' live ones do not count)."""
+    def dead(name: str) -> bool:
+        try:
+            os.kill(int(name.split("-")[2]), 0)
+        except ProcessLookupError:
+            return True
+        except (ValueError, IndexError, PermissionError):
+            return False
+        return False
+    return {n for n in os.listdir("/dev/shm") if n.startswith("vfio-emu-") and dead(n)}
+
+
 def test_a_driver_that_crashes_the_interpreter_costs_a_worker_not_the_explorer():
+    before = _orphans()
     r = explore(driver_of(CrashesOnClose()), "close vs remove", V61, budget=3)
     assert not r.passed
     assert r.errors[0].startswith("a worker died")  # of SIGSEGV; under ASan, its exit status
+    assert _orphans() <= before  # the dead worker's arena is unlinked for it
+
+
+def test_workers_stopped_at_the_budget_leave_no_arena_behind():
+    before = _orphans()
+    r = explore(driver_of(FreesRegionsAfterUnregister()), "close vs remove", V61,
+                strategy="dfs", budget=3, jobs=2)
+    assert r.runs >= 3 and not r.exhausted
+    assert _orphans() <= before
 
 
 def test_a_race_that_does_not_apply_is_not_applicable():
