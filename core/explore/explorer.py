@@ -148,7 +148,18 @@ def replay(driver: Driver, race: Race, mode: Mode, schedule: Schedule | str) -> 
     """The run a schedule (as printed) describes: the same verdict and timeline."""
     if isinstance(schedule, str):
         schedule = Schedule.parse(schedule)
-    return run_race(driver, race, mode, schedule.seed, Replay(dict(schedule.picks)))
+    return _fitted(schedule, run_race(driver, race, mode, schedule.seed,
+                                      Replay(dict(schedule.picks))))
+
+
+def _fitted(schedule: Schedule, out: Outcome) -> Outcome:
+    """out, if the run took every pick of its schedule (a pick past its last decision was
+    made for another run)."""
+    if schedule.picks and schedule.picks[-1][0] >= len(out.decisions):
+        raise ScheduleMismatch(
+            f"the schedule picks at decision {schedule.picks[-1][0]}, but this run has "
+            f"only {len(out.decisions)} decisions: it was made for another run")
+    return out
 
 
 def minimise(driver: Driver, race: Race, mode: Mode, failing: Outcome) -> Outcome:
@@ -159,7 +170,9 @@ def minimise(driver: Driver, race: Race, mode: Mode, failing: Outcome) -> Outcom
     while i >= 0:
         picks = best.schedule.picks[:i] + best.schedule.picks[i + 1:]
         try:
-            trial = run_race(driver, race, mode, best.schedule.seed, Replay(dict(picks)))
+            trial = _fitted(Schedule(best.schedule.seed, picks),
+                            run_race(driver, race, mode, best.schedule.seed,
+                                     Replay(dict(picks))))
         except ScheduleMismatch:
             trial = None
         if trial is not None and trial.signature == best.signature \
@@ -224,20 +237,26 @@ def _worker(driver: Driver, race: Race, mode: Mode, strategy: str, seed: int,
             indices: range | None, roots: list[list[int]] | None, bound: int, depth: int,
             length: int, deadline: float | None, emit: Callable[[tuple[Any, ...]], None]
             ) -> None:
-    """Run a share of the schedules; emit ("run", state, status, signature) per run and
-    ("failure", minimised outcome) per new kind of failure."""
+    """Run a share of the schedules; emit ("run", state, failure) per run, failure being
+    the minimised outcome of a new kind of failure (or None): one message, so a budget
+    reached at that run still counts what it found."""
     seen: set[str] = set()
     for out in _schedules(driver, race, mode, strategy, seed, indices, roots, bound, depth,
                           length):
-        status = out.verdict.status
-        emit(("run", out.state, status, out.signature))
-        if status in (FAIL, KNOWN) and out.signature not in seen:
-            seen.add(out.signature)
-            emit(("failure", minimise(driver, race, mode, out)))
+        emit(("run", out.state, _new_failure(driver, race, mode, out, seen)))
         if deadline is not None and time.monotonic() >= deadline:
             emit(("stopped",))
             return
     emit(("exhausted",))
+
+
+def _new_failure(driver: Driver, race: Race, mode: Mode, out: Outcome, seen: set[str]
+                 ) -> Outcome | None:
+    """out minimised, if it fails in a way not seen before (then it is seen)."""
+    if out.verdict.status not in (FAIL, KNOWN) or out.signature in seen:
+        return None
+    seen.add(out.signature)
+    return minimise(driver, race, mode, out)
 
 
 def explore(driver: Driver, race: Race | str, mode: Mode | None = None, *,
@@ -282,9 +301,13 @@ def explore(driver: Driver, race: Race | str, mode: Mode | None = None, *,
         total = budget or DEFAULT_BUDGET
         shares = [(range(k, total, jobs), None) for k in range(min(jobs, total))]
     if strategy == "dfs" and jobs > 1:  # the root run itself is no worker's
-        _account(result, ("run", first.state, first.verdict.status, first.signature))
-        if first.verdict.status in (FAIL, KNOWN):
-            _account(result, ("failure", minimise(driver, race, mode, first)))
+        minimised = _isolated(lambda: _new_failure(driver, race, mode, first, set()))
+        if isinstance(minimised, str):  # minimising crashed its process
+            result.errors.append(minimised)
+            minimised = None
+        _account(result, ("run", first.state, minimised))
+        if budget is not None and result.runs >= budget:
+            shares = []
     cap = budget if strategy == "dfs" else None
     _run_workers(result, [functools.partial(_worker, driver, race, mode, strategy, seed, idx,
                                             roots, bound, depth, length, deadline)
@@ -312,16 +335,16 @@ def _account(result: Exploration, msg: tuple[Any, ...]) -> None:
     if msg[0] == "run":
         result.runs += 1
         result.states.add(msg[1])
-    elif msg[0] == "failure":
-        out: Outcome = msg[1]
-        bucket = result.failures if out.verdict.status == FAIL else result.known
-        if all(o.signature != out.signature for o in bucket):
-            bucket.append(out)
+        out: Outcome | None = msg[2]
+        if out is not None:
+            bucket = result.failures if out.verdict.status == FAIL else result.known
+            if all(o.signature != out.signature for o in bucket):
+                bucket.append(out)
     elif msg[0] == "exhausted":
         result.exhausted = True
 
 
-def _isolated(fn: Callable[[], Outcome]) -> Outcome | str:
+def _isolated(fn: Callable[[], Any]) -> Any:
     """fn() in a forked child; its outcome, or why there is none."""
     results: list[Any] = []
     errors: list[str] = []

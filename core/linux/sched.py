@@ -184,11 +184,7 @@ class Scheduler:
             return
         if self.atomic:
             return
-        self.steps += 1
-        if self.steps > self.max_steps:
-            self._end(f"INFO: no progress: {self.max_steps} switch points without the run "
-                      "ending (a livelock)", "the tasks kept running; none finished")
-            raise HangError(self._hang)  # type: ignore[arg-type]
+        self._step()
         nxt = self._next(me, op)
         if nxt is not None and nxt is not me:
             self._switch(me, nxt)
@@ -205,6 +201,7 @@ class Scheduler:
             return True
         if self._aborting:
             raise HangError(self._hang) if self._hang is not None else Cancelled(what)
+        self._step()  # a loop of timed waits is a livelock too
         me.state, me.until, me.waiting_on, me.idle = BLOCKED, until, what, idle
         me.deadline = None if timeout is None else self.kernel.jiffies() + timeout
         me.timed_out = False
@@ -221,6 +218,15 @@ class Scheduler:
         return not me.timed_out
 
     # -- the machinery ------------------------------------------------------------------
+
+    def _step(self) -> None:
+        """Count a switch point or a wait; past max_steps the run is a livelock."""
+        self.steps += 1
+        if self.steps > self.max_steps:
+            self._end(f"INFO: no progress: {self.max_steps} switch points and waits without "
+                      "the run ending (a livelock)", "the tasks kept running or waiting; "
+                      "none finished")
+            raise HangError(self._hang)  # type: ignore[arg-type]
 
     def _body(self, task: Task) -> Task | None:
         """A task's greenlet: its function, then the task to run next (None: the run is

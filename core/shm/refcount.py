@@ -8,6 +8,8 @@ caller's stack, an error to raise, a release to run) goes to the slow path.
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -160,8 +162,12 @@ class Kref(Handle):
         self._bind()
 
     def _bind(self) -> None:
-        """get and put: the C methods of a RefOps bound to this kref's handle."""
-        ops = C.RefOps(C.address(self._h), self._h, self._slow, self._put_slow)
+        """get and put: the C methods of a RefOps bound to this kref's handle.  Its slow
+        paths reach this kref through a weak reference: no cycle, so a kref (and its arena)
+        goes as soon as its last reference does."""
+        ref = weakref.ref(self)
+        ops = C.RefOps(C.address(self._h), self._h, functools.partial(_slow_of, ref),
+                       functools.partial(_put_slow_of, ref))
         self.get, self.put = ops.get, ops.put
 
     @property
@@ -209,6 +215,21 @@ class Kref(Handle):
         if fn is not None:
             fn(self)
         return 1
+
+
+def _alive(ref: weakref.ref[Kref], op: str) -> Kref:
+    kref = ref()
+    if kref is None:  # `get = k.get; del k; get()` reaching the slow path
+        raise InvalidArgumentError(f"{op}: the Kref this method was taken from is gone")
+    return kref
+
+
+def _slow_of(ref: weakref.ref[Kref], r: int, op: str) -> int:
+    return _alive(ref, op)._slow(r, op)
+
+
+def _put_slow_of(ref: weakref.ref[Kref], r: int, release: Release | None, op: str) -> int:
+    return _alive(ref, op)._put_slow(r, release, op)
 
 
 class KrefArray:

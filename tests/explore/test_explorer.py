@@ -412,3 +412,17 @@ def test_the_python_example_in_docs_explore_md_runs():
     text = (Path(__file__).parents[2] / "docs" / "explore.md").read_text()
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(code, "docs/explore.md", "exec"), {})
+
+
+def test_a_budget_reached_at_a_failing_schedule_still_counts_its_failure():
+    driver = driver_of(ClosesIntoFreedRegions())  # its first schedule fails
+    for jobs in (1, 2):
+        r = explore(driver, "close vs remove", V61, strategy="dfs", budget=1, jobs=jobs)
+        assert r.runs == 1
+        assert len(r.failures) == 1 and not r.passed
+
+
+def test_a_schedule_with_picks_past_the_run_s_last_decision_is_refused():
+    driver = driver_of(FreesRegionsAfterUnregister())
+    with pytest.raises(ScheduleMismatch, match=r"only \d+ decisions"):
+        replay(driver, RACES["close vs remove"], V61, Schedule(0, ((99999, 1),)))

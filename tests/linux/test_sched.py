@@ -287,6 +287,20 @@ def test_a_livelock_ends_in_a_report_not_a_hung_test(make_kernel):
     assert "livelock" in sched.hang.title
 
 
+def test_a_loop_of_timed_waits_is_a_livelock_too(make_kernel):
+    kernel = make_kernel()
+
+    def poll() -> None:
+        while True:
+            kernel.advance(1)  # each wait times out at once: time moves, nothing happens
+
+    sched = Scheduler(kernel, max_steps=500)
+    sched.spawn(poll, "poller")
+    sched.run()
+    assert isinstance(sched.tasks[0].error, HangError)
+    assert sched.hang is not None and "livelock" in sched.hang.title
+
+
 def test_a_policy_that_picks_a_task_that_cannot_run_ends_the_run_and_run_raises(make_kernel):
     kernel = make_kernel()
 

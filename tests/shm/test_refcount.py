@@ -662,9 +662,21 @@ def test_kref_put_refuses_what_a_python_put_would(arena):
     assert k.read() == 1  # nothing moved
 
 
-def test_a_kref_no_longer_referenced_is_collected(arena):
+def test_a_kref_goes_with_its_last_reference_no_collector_needed(arena):
     k = arena.kref()
     ref = weakref.ref(k)
+    gc.disable()
+    try:
+        del k
+        assert ref() is None  # no cycle through its C methods
+    finally:
+        gc.enable()
+
+
+def test_a_kref_method_outliving_its_kref_says_so_on_its_slow_path(arena):
+    k = arena.kref()
+    put = k.put
+    k.refcount.set(1)
     del k
-    gc.collect()
-    assert ref() is None
+    with pytest.raises(InvalidArgumentError, match="kref_put: the Kref this method was taken"):
+        put()  # the last put: its release would need the kref
