@@ -264,6 +264,9 @@ class Scheduler:
                 return me
             return next((t for t in self.tasks if t.state == RUNNABLE), None) or next(
                 (t for t in self.tasks if t.state == BLOCKED), None)
+        # the task that reached this point can go on (a pick of another is a preemption)
+        # only if it did not just block, even when its wait times out at once
+        going_on = me is not None and me.state == RUNNABLE
         enabled = [t for t in self.tasks if t.state == RUNNABLE
                    or (t.state == BLOCKED and t.until is not None and t.until())]
         if not enabled:
@@ -278,7 +281,7 @@ class Scheduler:
         if len(enabled) == 1:
             chosen = enabled[0]
         else:
-            current = me.tid if me is not None and me in enabled else None
+            current = me.tid if going_on and me in enabled else None
             decision = Decision(len(self.decisions), tuple(t.tid for t in enabled), current, op)
             try:
                 tid = self.policy.choose(decision)

@@ -370,3 +370,11 @@ def test_ctrl_c_while_the_scheduler_waits_interrupts_run(make_kernel):
         sched.run()
     assert kernel.sched is None and kernel.trace.sched is None
     never.set()
+
+
+def test_a_task_whose_wait_times_out_with_others_is_no_current_task_of_that_pick(make_kernel):
+    kernel = make_kernel()
+    sched = run_tasks(kernel, [("a", lambda: kernel.advance(5)),
+                               ("b", lambda: kernel.advance(5))])
+    both = [d for d in sched.decisions if d.enabled == (0, 1)]
+    assert both and both[-1].current is None  # b blocked: picking a is no preemption
