@@ -31,6 +31,7 @@ from vfio_emu.errors import ArenaNotFoundError, EmulatorError
 from vfio_emu.explore import RACES, Exploration, Outcome, describe, explore, race_named
 from vfio_emu.explore import replay as replay_schedule
 from vfio_emu.explore.chrome import write_chrome_trace
+from vfio_emu.explore.explorer import CHECK_PREFIX
 from vfio_emu.linux.kernel import SEMANTICS, UNREGISTER_ORDERS, Kernel
 from vfio_emu.plugins.manager import Driver, Plugins
 from vfio_emu.report import Report
@@ -388,7 +389,7 @@ def _explored(driver: Driver, mode: Mode, args: argparse.Namespace,
     for race in RACES.values():
         progress(f"{driver.name}: exploring {race.name}")
         r = explore(driver, race, mode, budget=args.explore, seed=args.seed)
-        name = f"explore: {race.name}"
+        name = f"{CHECK_PREFIX}{race.name}"
         found = r.failures or r.known
         if found:
             v = found[0].verdict

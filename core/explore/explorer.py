@@ -73,8 +73,13 @@ class Outcome:
         return hash(tuple(self.verdict.timeline))
 
 
+#: How `vfio-emu check --explore` names a race in its table (and in the replay it prints).
+CHECK_PREFIX = "explore: "
+
+
 def race_named(name: str) -> Race:
-    race = RACES.get(name)
+    """A race by its name, or by the name `check --explore` gives it."""
+    race = RACES.get(name[len(CHECK_PREFIX):] if name.startswith(CHECK_PREFIX) else name)
     if race is None:
         raise InvalidArgumentError(f"no concurrent scenario {name!r}: choose one of "
                                    f"{', '.join(repr(n) for n in RACES)}")

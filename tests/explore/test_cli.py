@@ -84,3 +84,14 @@ def test_check_explore_adds_one_verdict_per_race_to_the_table(capsys):
     assert "explore: close vs remove" in out and "3 schedules" in out
     assert "explore: reopen on request" in out
     assert "explore: unload vs close" in out and "n/a" in out
+
+
+def test_the_replay_check_explore_prints_for_a_failure_runs(capsys):
+    import shlex
+
+    from vfio_emu.check.verdict import Mode, Verdict
+    from vfio_emu.explore import Schedule
+    v = Verdict("pci", "explore: reopen on request", Mode("v6.1"), schedule=str(Schedule(0)))
+    argv = shlex.split(v.replay())[1:]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and out.startswith("reopen on request: known")
