@@ -53,4 +53,5 @@ lint: $(STAMP)
 	MYPYPATH=build/typecheck $(BIN)/mypy -p vfio_emu
 
 clean:
-	rm -rf $(VENV) $(SAN_VENV) build dist *.egg-info core/shm/*.so core/shm/_core.c core/shm/_fast.c
+	rm -rf $(VENV) $(SAN_VENV) build dist *.egg-info core/shm/*.so core/shm/_core.c core/shm/_fast.c \
+	    core/_stackwalk.*

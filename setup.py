@@ -2,4 +2,5 @@
 
 from setuptools import setup
 
-setup(cffi_modules=["csrc/build_ffi.py:ffibuilder", "csrc/build_ffi.py:fastbuilder"])
+setup(cffi_modules=["csrc/build_ffi.py:ffibuilder", "csrc/build_ffi.py:fastbuilder",
+                      "csrc/build_ffi.py:stackbuilder"])

@@ -10,12 +10,15 @@ into the emulator: the driver, the test, the checker.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
 from types import CodeType
-from typing import Any, overload
+from typing import Any, Protocol, overload
+
+from vfio_emu._stackwalk import lib as _stackwalk
 
 #: Frames of modules under these prefixes are the emulator's plumbing, not the caller's code.
 INTERNAL_PREFIXES = ("vfio_emu.shm.", "vfio_emu.linux.", __name__)
@@ -131,12 +134,9 @@ class Stack(Sequence[Frame]):
 _new_stack = object.__new__
 
 
-def capture_stack(limit: int = 16, internal: bool = False) -> Stack:
-    """The stack of the code that called into the emulator, cheaply (format it later).
-
-    internal=True keeps the emulator's own frames too: where a fault happened inside
-    the emulated kernel (a release on a worker), those are the interesting ones.
-    """
+def capture_stack_py(limit: int = 16, internal: bool = False) -> Stack:
+    """capture_stack() in Python: what the C walk (csrc/pystack.c) does, and what its
+    tests hold it to."""
     frame: Any = sys._getframe(1)
     if not internal:
         known = _INTERNAL_CODE
@@ -155,6 +155,23 @@ def capture_stack(limit: int = 16, internal: bool = False) -> Stack:
     stack = _new_stack(Stack)
     stack._data = raw
     return stack
+
+
+class _Capture(Protocol):
+    def __call__(self, limit: int = 16, internal: bool = False) -> Stack: ...
+
+
+#: capture_stack(limit=16, internal=False): the stack of the code that called into the
+#: emulator, cheaply (format it later).  internal=True keeps the emulator's own frames
+#: too: where a fault happened inside the emulated kernel (a release on a worker), those
+#: are the interesting ones.
+#:
+#: It runs several times per life-cycle transition, so the walk is C (csrc/pystack.c): the
+#: walk of capture_stack_py(), over the same frame API.  A C method has no frame of its
+#: own: the frame it starts from is its caller's, as sys._getframe(1) is in Python.
+#: (The module hands out its type's address; ctypes turns that into the type.)
+_StackCapture: Any = ctypes.cast(_stackwalk.vfio_stackcapture_type(), ctypes.py_object).value
+capture_stack: _Capture = _StackCapture(Stack, _INTERNAL_CODE, _internal_code).capture
 
 
 def caller_stack(limit: int = 32, max_bytes: int | None = None) -> str:

@@ -193,3 +193,18 @@ ffibuilder = _builder("vfio_emu.shm._core", CORE)
 #: Its RefOps type (pyref.c) uses the stable ABI of 3.10 (METH_FASTCALL), not cffi's 3.2.
 fastbuilder = _builder("vfio_emu.shm._fast", FAST, KEEP_GIL, include=ffibuilder,
                        defines=("-DPy_LIMITED_API=0x030A0000",))
+
+#: The foundation's one C type (csrc/pystack.c), the walk of vfio_emu.stack.capture_stack:
+#: a module of its own, below the shared-memory layer, built for the running CPython (the
+#: frame API it walks is not in the stable ABI).
+stackbuilder = FFI()
+stackbuilder.cdef("uintptr_t vfio_stackcapture_type(void);")
+stackbuilder.set_source(
+    "vfio_emu._stackwalk", '#include "pystack.c"',
+    include_dirs=["csrc"], depends=["csrc/build_ffi.py", "csrc/pystack.c"],
+    extra_compile_args=["-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall", "-Wextra",
+                        "-Wno-unused-parameter", "-Werror=implicit-function-declaration",
+                        *SANITIZE_FLAGS],
+    extra_link_args=SANITIZE_FLAGS,
+    py_limited_api=False,
+)

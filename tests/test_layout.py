@@ -21,6 +21,10 @@ LAYERS = {"foundation": 0, "shm": 1, "linux": 2, "plugins": 3, "check": 4, "expl
           "pytest_plugin": 5, "bench": 5}
 
 
+#: The C modules (csrc/build_ffi.py): leaves of the graph, in the layer of their package.
+EXTENSIONS = ("vfio_emu._stackwalk", "vfio_emu.shm._core", "vfio_emu.shm._fast")
+
+
 def modules() -> dict[str, Path]:
     found = {}
     for package, folder in SOURCES.items():
@@ -37,7 +41,7 @@ def layer(module: str) -> int:
     if len(parts) == 1:
         return LAYERS["shm"]  # the package itself: re-exports the primitives and the errors
     name = parts[1]
-    if name in ("errors", "report", "stack"):
+    if name in ("errors", "report", "stack", "_stackwalk"):
         return LAYERS["foundation"]
     return LAYERS[name]
 
@@ -58,7 +62,7 @@ def _targets(node: ast.Import | ast.ImportFrom, known: dict[str, Path]) -> set[s
         names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base
                  for a in node.names]
     for name in names:
-        while name and name not in known:
+        while name and name not in known and name not in EXTENSIONS:
             name = name.rpartition(".")[0]
         if name.startswith("vfio_emu"):
             out.add(name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import traceback
 
-from vfio_emu.stack import Stack, caller_stack, capture_stack
+from vfio_emu.stack import Stack, caller_stack, capture_stack, capture_stack_py
 
 Seen = list[tuple[Stack, tuple[tuple[str, int, str], ...]]]
 
@@ -123,3 +123,52 @@ def _report_pids(q: object) -> None:
     from vfio_emu.stack import getpid
 
     q.put((getpid(), stack.PID, os.getpid()))  # type: ignore[attr-defined]
+
+
+def _internal_caller(capture):  # type: ignore[no-untyped-def]
+    """capture() called from two frames of a module the emulator calls its own."""
+    namespace = {"__name__": "vfio_emu.linux.fake", "capture": capture}
+    exec(compile("def inner(**kw):\n    return capture(**kw)\n"
+                 "def outer(**kw):\n    return inner(**kw)\n", "fake.py", "exec"), namespace)
+    return namespace["outer"]
+
+
+def test_the_c_walk_gives_the_stack_the_python_walk_gives() -> None:
+    for kw in ({}, {"internal": True}, {"limit": 2}, {"limit": 40}, {"limit": 0},
+               {"limit": 3, "internal": True}):
+        c, py = _internal_caller(capture_stack)(**kw), _internal_caller(capture_stack_py)(**kw)
+        assert c == py, kw
+    assert _internal_caller(capture_stack)()[-1][2] != "inner"
+    assert _internal_caller(capture_stack)(internal=True)[-1] == ("fake.py", 2, "inner")
+
+
+def test_the_c_walk_follows_a_greenlet_to_the_frame_that_switched_into_it() -> None:
+    import greenlet
+
+    def body() -> tuple[Stack, Stack]:
+        return capture_stack(limit=40), capture_stack_py(limit=40)
+
+    c, py = greenlet.greenlet(body).switch()
+    assert c == py and c[-1][2] == "body"
+
+
+def test_the_c_walk_refuses_arguments_capture_stack_does_not_take() -> None:
+    for args, kwargs, what in (((1, True, 2), {}, "at most 2 arguments"),
+                               ((), {"depth": 1}, "unexpected keyword argument 'depth'"),
+                               ((3,), {"limit": 1}, "multiple values for argument 'limit'"),
+                               (("3",), {}, "integer")):
+        try:
+            capture_stack(*args, **kwargs)
+        except TypeError as e:
+            assert what in str(e)
+        else:
+            raise AssertionError(f"capture_stack(*{args}, **{kwargs}) was accepted")
+
+
+def test_the_c_walk_keeps_no_reference_once_its_stack_is_gone() -> None:
+    code = sys._getframe().f_code
+    before = sys.getrefcount(code)
+    stacks = [capture_stack() for _ in range(100)]
+    assert sys.getrefcount(code) >= before + 100  # each stack holds the frame's code
+    del stacks
+    assert sys.getrefcount(code) == before
