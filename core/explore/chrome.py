@@ -22,6 +22,9 @@ from typing import Any
 from vfio_emu.linux.trace import Event
 
 PID = 1
+#: Task tracks are threads FIRST_TID, FIRST_TID + 1, ...: never 0, nor the pid (a viewer
+#: takes a tid equal to the pid for the process's main thread, and folds tid 0 into it).
+FIRST_TID = PID + 1
 TICK_US = 10
 #: The task of setup and teardown, which run outside the scheduler.
 MAIN = "main (setup, teardown)"
@@ -30,17 +33,17 @@ MAIN = "main (setup, teardown)"
 def chrome_trace(events: Iterable[Event], title: str = "vfio-emu") -> dict[str, Any]:
     """The events as a trace-event document (a dict: json.dump it)."""
     out: list[dict[str, Any]] = [
-        {"ph": "M", "name": "process_name", "pid": PID, "tid": 0, "args": {"name": title}}]
+        {"ph": "M", "name": "process_name", "pid": PID, "tid": PID, "args": {"name": title}}]
     tids: dict[str, int] = {}
 
     def tid_of(task: str) -> int:
         name = task or MAIN
         if name not in tids:
-            tids[name] = len(tids)
+            tids[name] = FIRST_TID + len(tids)
             out.append({"ph": "M", "name": "thread_name", "pid": PID, "tid": tids[name],
                         "args": {"name": name}})
             out.append({"ph": "M", "name": "thread_sort_index", "pid": PID,
-                        "tid": tids[name], "args": {"sort_index": tids[name]}})
+                        "tid": tids[name], "args": {"sort_index": len(tids)}})
         return tids[name]
 
     for i, e in enumerate(events):

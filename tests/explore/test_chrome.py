@@ -83,12 +83,18 @@ def test_the_trace_of_a_found_race_is_valid_trace_event_json(tmp_path):
     assert trace_event_format_errors(doc) == []
 
 
+def slices_of(doc):
+    return [e for e in doc["traceEvents"] if e["ph"] == "X"]
+
+
 def test_each_task_has_its_own_track_and_each_operation_is_a_slice_on_it():
     outcome = found_race()
     doc = chrome_trace(outcome.events)
     threads = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"]
                if e["ph"] == "M" and e["name"] == "thread_name"}
     assert set(threads.values()) == {MAIN, "remove", "vmm"}
+    # A viewer folds tid 0 and a tid equal to the pid into the process's main thread.
+    assert all(tid not in (0, 1) for tid in threads) and {e["pid"] for e in slices_of(doc)} == {1}
     slices = [e for e in doc["traceEvents"] if e["ph"] == "X"]
     assert len(slices) == sum(1 for e in outcome.events if not e.op.startswith("report: "))
     by_task = {threads[s["tid"]] for s in slices if s["name"] == "fd open"}
