@@ -280,12 +280,13 @@ def _availability(kernel: Kernel) -> dict[str, int]:
 def _one(driver: Driver, name: str, body: Callable[[Driver, Kernel], Any], mode: Mode,
          seed: int, *, options: dict[str, Any] | None = None, unloads: bool = False,
          load: bool = True, inject: Callable[[Kernel], None] | None = None,
-         step: str = "") -> Verdict:
+         step: str = "", timeline: Callable[[Any], str] | None = None) -> Verdict:
     """One scenario, in this process: every exception becomes part of the verdict.
 
     After the body: pending delayed releases run; every mdev type must offer again what
     it offered after the module loaded; the module is unloaded (unless the body did) and
-    what the kernel reported and the leak check found make the verdict."""
+    what the kernel reported and the leak check found make the verdict (timeline: how
+    an event reads in it, timeline_line by default)."""
     verdict = Verdict(driver.name, name, mode, seed)
     error: BaseException | None = None
     not_applicable = ""
@@ -319,7 +320,7 @@ def _one(driver: Driver, name: str, body: Callable[[Driver, Kernel], Any], mode:
                 error = error or e
             verdict.reports = [r for r in kernel.findings() + kernel.leak_check() + extra
                                if r.kind != "info"]
-            verdict.timeline = [timeline_line(e) for e in kernel.trace.events]
+            verdict.timeline = list(map(timeline or timeline_line, kernel.trace.events))
     except Exception as e:  # module init, or the kernel's close
         error = error or e
     return _judge(driver, verdict, error, not_applicable)

@@ -37,9 +37,11 @@ from vfio_emu.errors import EmulatorError, InvalidArgumentError
 from vfio_emu.explore.scenarios import RACES, Race
 from vfio_emu.explore.schedule import Schedule
 from vfio_emu.explore.strategy import PCT, STRATEGIES, RandomWalk, Replay, ScheduleMismatch, dfs
+from vfio_emu.linux.kernel import Kernel
 from vfio_emu.linux.sched import Decision, Policy, Scheduler
 from vfio_emu.linux.trace import Event
 from vfio_emu.plugins.manager import Driver
+from vfio_emu.shm.arena import Arena
 
 #: What differs between two runs of one failure: pids, addresses, indices.
 _NUMBERS = re.compile(r"0x[0-9a-f]+|\d+")
@@ -113,8 +115,9 @@ def run_race(driver: Driver, race: Race, mode: Mode, seed: int = 0,
             raise own[0]
         return ""
 
-    verdict = _one(driver, race.name, body, mode, seed, options=dict(race.options),
-                   unloads=race.unloads)
+    verdict = _one(driver, race.name, body, mode, seed,
+                   options={**race.options, "arena": _arena()}, unloads=race.unloads,
+                   timeline=_task_line)
     if "mismatch" in got:
         raise got["mismatch"]
     sched = got.get("sched")
@@ -124,11 +127,35 @@ def run_race(driver: Driver, race: Race, mode: Mode, seed: int = 0,
                       list(got["trace"].events) if "trace" in got else [],
                       [t.name for t in sched.tasks] if sched is not None else [])
     verdict.schedule = str(outcome.schedule)
-    # every line names its task: the setup's and teardown's are main's
-    verdict.timeline = [timeline_line(dataclasses.replace(e, task=e.task or "main"))
-                        for e in outcome.events]
     _mark_known(driver, race, verdict, mode)
     return outcome
+
+
+def _task_line(event: Any) -> str:
+    """A timeline line that names its task: the setup's and teardown's are main's."""
+    return timeline_line(event if event.task else dataclasses.replace(event, task="main"))
+
+
+#: The arena a Kernel() would make for itself: the same size and clock.
+_KERNEL_DEFAULTS: dict[str, Any] = Kernel.__init__.__kwdefaults__ or {}
+#: Each process's arena for its runs, and the pid it belongs to.
+_ARENA: list[Any] = [None, 0]
+
+
+def _arena() -> Arena:
+    """The arena this process's runs share: making and unlinking a segment took about half
+    of a run.  Each run's kernel reads only the WARNs logged after it started; what a run
+    leaks stays allocated, so a new arena replaces this one once it is half full.  (A
+    forked worker makes its own: two processes' kernels must not share a WARN ring.)"""
+    arena, pid = _ARENA
+    if (arena is None or pid != os.getpid() or arena.closed
+            or arena.in_use > arena.capacity // 2):
+        if arena is not None and pid == os.getpid():
+            arena.close()
+        arena = Arena.create(**{k: _KERNEL_DEFAULTS[k] for k in ("capacity", "hz",
+                                                                  "time_scale")})
+        _ARENA[:] = [arena, os.getpid()]
+    return arena  # type: ignore[no-any-return]
 
 
 def _mark_known(driver: Driver, race: Race, verdict: Verdict, mode: Mode) -> None:

@@ -80,6 +80,9 @@ class Kernel:
         self.arena = arena if arena is not None else Arena.create(
             capacity=capacity, hz=hz, time_scale=time_scale)
         self.clock = self.arena.clock
+        #: The WARNs of this kernel are those logged after it started (a given arena may
+        #: hold an earlier kernel's).
+        self._warn_since = self.arena.warn_seq
         self._lock_timeout_s = max(
             self.clock.jiffies_to_ns(self.HZ * watchdog_s) / 1e9, self.lock_watchdog_s)
         self.trace = Trace()
@@ -466,7 +469,7 @@ class Kernel:
     def findings(self) -> list[Report]:
         """Everything reported, plus the refcount WARNs the C core logged in the arena."""
         out = list(self.reports)
-        for w in self.arena.dmesg():
+        for w in self.arena.dmesg(self._warn_since):
             if w.kind != "WARN":  # the kernel's own WARNs are in self.reports already
                 out.append(Report("WARN", w.text, f"{w.object}: "
                                   f"{w.old & 0xFFFFFFFF:#x} -> {w.new & 0xFFFFFFFF:#x}",

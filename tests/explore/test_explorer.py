@@ -21,6 +21,7 @@ from vfio_emu.explore import (
     Schedule,
     ScheduleMismatch,
     explore,
+    explorer,
     model_id,
     replay,
     run_race,
@@ -426,3 +427,34 @@ def test_a_schedule_with_picks_past_the_run_s_last_decision_is_refused():
     driver = driver_of(FreesRegionsAfterUnregister())
     with pytest.raises(ScheduleMismatch, match=r"only \d+ decisions"):
         replay(driver, RACES["close vs remove"], V61, Schedule(0, ((99999, 1),)))
+
+
+def test_runs_in_one_process_share_an_arena_until_it_is_half_full():
+    arena = explorer._arena()
+    assert explorer._arena() is arena
+    leaked = [arena.refcount() for _ in range(arena.capacity // 2 + 1)]  # noqa: F841
+    fresh = explorer._arena()
+    assert fresh is not arena and arena.closed and fresh.in_use == 0
+
+
+def test_a_run_on_the_shared_arena_sees_none_of_an_earlier_runs_warns():
+    explorer._arena().refcount(0).inc()  # a WARN already in the arena
+    out = run_race(builtin("pci"), RACES["close vs remove"], V61)
+    assert out.verdict.status == OK and out.verdict.reports == []
+
+
+def test_a_forked_worker_makes_an_arena_of_its_own():
+    parent = explorer._arena().name
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its arena's name, then leave without cleanup hooks
+        try:
+            os.write(write, explorer._arena().name.encode())
+            explorer._arena().close()
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = os.read(read, 200).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child and child != parent and not explorer._arena().closed

@@ -13,6 +13,7 @@ from _drivers import NAME, Driver, probe, remove
 from vfio_emu.errors import InvalidArgumentError
 from vfio_emu.linux.kernel import Kernel
 from vfio_emu.linux.vfio import DeviceFile, vfio_free_device, vfio_group_get_device_fd
+from vfio_emu.shm.arena import Arena
 
 # -- configuration -------------------------------------------------------------------------
 
@@ -194,3 +195,15 @@ def test_the_release_delays_follow_from_the_seed(make_kernel):
     assert delays(7) == delays(7)
     assert len({tuple(delays(s)) for s in range(8)}) > 1
 
+
+
+def test_a_kernel_on_a_given_arena_reports_only_the_warns_logged_after_it_started():
+    with Arena.create(capacity=64, hz=250, time_scale=1000) as arena:
+        arena.refcount(0).inc()  # refcount_t: addition on 0 - an earlier user's WARN
+        kernel = Kernel(arena=arena)
+        assert kernel.findings() == []
+        arena.refcount(0).inc()
+        assert [(f.kind, f.title) for f in kernel.findings()] == [
+            ("WARN", "refcount_t: addition on 0; use-after-free.")]
+        kernel.close()
+        assert not arena.closed  # a given arena stays its owner's
