@@ -207,4 +207,5 @@ stackbuilder.set_source(
                         *SANITIZE_FLAGS],
     extra_link_args=SANITIZE_FLAGS,
     py_limited_api=False,
-)
+    define_macros=[("_CFFI_NO_LIMITED_API", None)],  # what py_limited_api=False sets in cffi
+)                                                    # 1.17+; older ones need it said

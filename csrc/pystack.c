@@ -80,7 +80,7 @@ static void capture_dealloc(StackCapture *self)
 /* The instruction offset in bytes, as frame.f_lasti gives it. */
 static long frame_lasti(PyFrameObject *f)
 {
-#if PY_VERSION_HEX >= 0x030B0000
+#if PY_VERSION_HEX >= 0x030B00B1
     return PyFrame_GetLasti(f);
 #else
     return f->f_lasti < 0 ? f->f_lasti : f->f_lasti * (long)sizeof(_Py_CODEUNIT);
@@ -142,9 +142,16 @@ static PyObject *capture_capture(StackCapture *self, PyObject *const *args, Py_s
     }
     long limit = 16;
     if (given[0]) {
-        limit = PyLong_AsLong(given[0]);
+        int overflow;
+        limit = PyLong_AsLongAndOverflow(given[0], &overflow);
         if (limit == -1 && PyErr_Occurred())
             return NULL;
+        if (overflow) /* as in Python: a huge limit is the whole stack, a tiny one none */
+            limit = overflow > 0 ? LONG_MAX : 0;
+    }
+    if (!self->known) {
+        PyErr_SetString(PyExc_RuntimeError, "capture_stack: its StackCapture was cleared");
+        return NULL;
     }
     int internal = 0;
     if (given[1]) {
@@ -203,7 +210,8 @@ error:
 
 static PyMethodDef capture_methods[] = {
     {"capture", (PyCFunction)(void (*)(void))capture_capture, METH_FASTCALL | METH_KEYWORDS,
-     "capture(limit=16, internal=False): the caller's Stack, innermost first."},
+     "capture($self, /, limit=16, internal=False)\n--\n\n"
+     "The caller's Stack (outermost frame first): vfio_emu.stack.capture_stack."},
     {NULL, NULL, 0, NULL},
 };
 

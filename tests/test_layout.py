@@ -21,7 +21,7 @@ LAYERS = {"foundation": 0, "shm": 1, "linux": 2, "plugins": 3, "check": 4, "expl
           "pytest_plugin": 5, "bench": 5}
 
 
-#: The C modules (csrc/build_ffi.py): leaves of the graph, in the layer of their package.
+#: The C modules (csrc/build_ffi.py): leaves of the graph (layer() places each).
 EXTENSIONS = ("vfio_emu._stackwalk", "vfio_emu.shm._core", "vfio_emu.shm._fast")
 
 

@@ -142,14 +142,20 @@ def test_the_c_walk_gives_the_stack_the_python_walk_gives() -> None:
     assert _internal_caller(capture_stack)(internal=True)[-1] == ("fake.py", 2, "inner")
 
 
-def test_the_c_walk_follows_a_greenlet_to_the_frame_that_switched_into_it() -> None:
+def test_in_a_greenlet_the_c_walk_stops_at_its_first_frame_as_the_python_walk_does() -> None:
     import greenlet
 
     def body() -> tuple[Stack, Stack]:
         return capture_stack(limit=40), capture_stack_py(limit=40)
 
     c, py = greenlet.greenlet(body).switch()
-    assert c == py and c[-1][2] == "body"
+    assert c == py and [name for _, _, name in c] == ["body"]
+
+
+def test_a_limit_beyond_a_c_long_is_the_whole_stack_or_none_as_in_python() -> None:
+    whole = capture_stack(limit=1 << 70)
+    assert len(whole) == len(capture_stack_py(limit=1 << 70)) > 2
+    assert capture_stack(limit=-(1 << 70)) == capture_stack(limit=-1) == ()
 
 
 def test_the_c_walk_refuses_arguments_capture_stack_does_not_take() -> None:

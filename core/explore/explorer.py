@@ -24,6 +24,7 @@ import random
 import re
 import select
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -41,7 +42,7 @@ from vfio_emu.linux.kernel import Kernel
 from vfio_emu.linux.sched import Decision, Policy, Scheduler
 from vfio_emu.linux.trace import Event
 from vfio_emu.plugins.manager import Driver
-from vfio_emu.shm.arena import Arena
+from vfio_emu.shm.arena import Arena, close_owned
 
 #: What differs between two runs of one failure: pids, addresses, indices.
 _NUMBERS = re.compile(r"0x[0-9a-f]+|\d+")
@@ -138,24 +139,26 @@ def _task_line(event: Any) -> str:
 
 #: The arena a Kernel() would make for itself: the same size and clock.
 _KERNEL_DEFAULTS: dict[str, Any] = Kernel.__init__.__kwdefaults__ or {}
-#: Each process's arena for its runs, and the pid it belongs to.
-_ARENA: list[Any] = [None, 0]
+#: Each thread's arena for its runs (.arena), and the pid that made it (.pid).
+_runs = threading.local()
 
 
 def _arena() -> Arena:
-    """The arena this process's runs share: making and unlinking a segment took about half
-    of a run.  Each run's kernel reads only the WARNs logged after it started; what a run
-    leaks stays allocated, so a new arena replaces this one once it is half full.  (A
-    forked worker makes its own: two processes' kernels must not share a WARN ring.)"""
-    arena, pid = _ARENA
-    if (arena is None or pid != os.getpid() or arena.closed
-            or arena.in_use > arena.capacity // 2):
-        if arena is not None and pid == os.getpid():
+    """The arena the runs of this thread share: making and unlinking a segment took about
+    half of a run.  Each run's kernel reads only the WARNs logged after it started; what a
+    run leaks stays allocated, so a new arena replaces this one once it is half full.  Two
+    threads, or a forked worker and its parent, never share one: their kernels would read
+    each other's WARNs.  (A thread a driver left running after its run may still touch
+    this arena; its WARNs would then show in a later run, as they would in the kernel.)"""
+    arena: Arena | None = getattr(_runs, "arena", None)
+    mine = getattr(_runs, "pid", 0) == os.getpid()
+    if arena is None or not mine or arena.closed or arena.in_use > arena.capacity // 2:
+        if arena is not None and mine:
             arena.close()
         arena = Arena.create(**{k: _KERNEL_DEFAULTS[k] for k in ("capacity", "hz",
                                                                   "time_scale")})
-        _ARENA[:] = [arena, os.getpid()]
-    return arena  # type: ignore[no-any-return]
+        _runs.arena, _runs.pid = arena, os.getpid()
+    return arena
 
 
 def _mark_known(driver: Driver, race: Race, verdict: Verdict, mode: Mode) -> None:
@@ -429,7 +432,9 @@ def _fork_all(workers: list[Callable[[Callable[..., None]], None]],
                 code = 3
             finally:
                 try:
-                    out.close()
+                    close_owned()  # the worker's arena: os._exit() runs no finalizer
+                    with contextlib.suppress(OSError):  # the parent may be gone
+                        out.close()
                 finally:
                     os._exit(code)
         os.close(w)

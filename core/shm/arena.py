@@ -9,6 +9,7 @@ locks in it - so an exception, a signal or a killed process leaves it usable.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -142,6 +143,16 @@ def _os_error(rc: int, err: int, name: str) -> ArenaError:
 
 
 _new_handle = object.__new__
+
+
+def close_owned() -> None:
+    """Close, and so unlink, every arena this process created and still has open: for a
+    forked child to call before os._exit(), which runs no finalizer (the arenas it inherited
+    are its parent's, and stay)."""
+    for arena in list(_open_arenas.values()):
+        if arena._finalizer is not None and arena._pid == os.getpid() and not arena.closed:
+            with contextlib.suppress(ArenaError):
+                arena.close()
 
 
 def _unlink_at_exit(name: str, creator_pid: int) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -441,6 +443,54 @@ def test_a_run_on_the_shared_arena_sees_none_of_an_earlier_runs_warns():
     explorer._arena().refcount(0).inc()  # a WARN already in the arena
     out = run_race(builtin("pci"), RACES["close vs remove"], V61)
     assert out.verdict.status == OK and out.verdict.reports == []
+
+
+def test_two_threads_runs_never_share_an_arena():
+    import threading
+    names = []
+    thread = threading.Thread(target=lambda: names.append(explorer._arena().name))
+    thread.start()
+    thread.join()
+    assert names and names[0] != explorer._arena().name
+
+
+def test_a_killed_explorer_leaves_no_arena_of_its_workers_behind():
+    """The workers' arenas are theirs: unlinked as each worker exits, even when the parent
+    that would have cleaned up after them is gone (they exit at their next message)."""
+    child = os.fork()
+    if child == 0:  # a parent of workers, killed while they run
+        try:
+            explore(builtin("pci"), "reopen on request", V61, budget=100_000, jobs=2)
+        finally:
+            os._exit(0)
+    workers = _polled(lambda: _arenas_of_children_of(child), lambda found: len(found) == 2)
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    left = _polled(lambda: workers & set(os.listdir("/dev/shm")), lambda found: not found)
+    assert len(workers) == 2 and not left
+
+
+def _polled(read: Any, done: Any, tries: int = 200) -> Any:
+    """read() until done(it) (bounded: a condition, not a timing, is awaited)."""
+    for _ in range(tries):
+        got = read()
+        if done(got):
+            break
+        time.sleep(0.05)
+    return got
+
+
+def _arenas_of_children_of(pid: int) -> set[str]:
+    return {n for n in os.listdir("/dev/shm")
+            if n.startswith("vfio-emu-") and _parent_of(int(n.split("-")[2])) == pid}
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def test_a_forked_worker_makes_an_arena_of_its_own():
