@@ -184,6 +184,11 @@ class DeviceSet(Tracked):
         self.device_list: list[VfioDevice] = []
         self.device_count = 0
 
+    def _kfree(self) -> None:
+        # Out of the xarray, the key need not stay alive; and the set_id is often the
+        # device itself, whose core holds this set: a reference cycle, left to the GC.
+        self.set_id = None
+
     def describe(self) -> str:
         return f"(set_id {type(self.set_id).__name__}@{id(self.set_id):#x})"
 

@@ -10,6 +10,7 @@ bug.  Test names read as the behaviour they pin; "cNN" names the bug class
 from __future__ import annotations
 
 import threading
+import weakref
 
 import pytest
 from _asserts import BOTH, assert_clean, only_report
@@ -60,6 +61,20 @@ def test_c24_single_assign_device_set_is_freed_with_its_last_member(make_kernel,
     assert len(k.dev_sets) == 1  # the other member keeps it alive
     remove(vdevs[1])
     assert_clean(k)
+
+
+def test_a_freed_device_set_no_longer_keeps_its_set_id_alive(make_kernel):
+    """The xarray key is kept alive only while the set is in the xarray: a set keyed by
+    its own device (the common case) would otherwise be a reference cycle."""
+    k = make_kernel()
+    vdev = vfio_alloc_device(Priv, k.device(NAME), Driver(k))
+    assert isinstance(vdev, Priv) and vfio_assign_device_set(vdev, vdev) == 0
+    assert vfio_register_group_dev(vdev) == 0
+    gone = weakref.ref(vdev)
+    remove(vdev)
+    del vdev
+    assert_clean(k)
+    assert gone() is None  # freed by its last reference, not left to the cycle collector
 
 
 # -- 25. "last close" check ----------------------------------------------------------------
