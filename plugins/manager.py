@@ -19,6 +19,7 @@ allow-list of names); VFIO_EMU_TRACE_HOOKS=1 prints every hook call.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib
 import inspect
 import os
@@ -200,7 +201,7 @@ class Driver:
                               f"not {ret!r}")
         return ret
 
-    @property
+    @functools.cached_property
     def source_files(self) -> frozenset[str]:
         """The files the driver's code is in: where a report's "first driver frame" is."""
         obj = self.plugin if inspect.ismodule(self.plugin) else type(self.plugin)

@@ -7,6 +7,7 @@ code it went wrong, and the command that replays it.
 
 from __future__ import annotations
 
+import functools
 import linecache
 import os.path
 import re
@@ -93,13 +94,19 @@ class Verdict:
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+)')
 
 
+@functools.lru_cache(maxsize=1024)
+def _realpath(path: str) -> str:
+    """os.path.realpath of a stack's file, once per file (a verdict of every run asks)."""
+    return os.path.realpath(path)
+
+
 def driver_frame(texts: list[str], files: frozenset[str]) -> str:
     """The innermost frame of the driver's own files in these stacks (formatted Python call
     traces, outermost first), with its source line: where the driver author looks first."""
     if not files:
         return ""
     for text in texts:
-        hits = [m for m in _FRAME.finditer(text) if os.path.realpath(m["file"]) in files]
+        hits = [m for m in _FRAME.finditer(text) if _realpath(m["file"]) in files]
         if hits:
             last = hits[-1]
             path, line = last["file"], int(last["line"])
