@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import faulthandler
 import functools
 import os
 import pickle
@@ -24,6 +25,7 @@ import random
 import re
 import select
 import signal
+import tempfile
 import threading
 import time
 import traceback
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vfio_emu.check.battery import _one, timeline_line
-from vfio_emu.check.isolate import unlink_segments_of
+from vfio_emu.check.isolate import BUDGET_S, unlink_segments_of
 from vfio_emu.check.verdict import FAIL, KNOWN, NOT_APPLICABLE, Mode, Verdict
 from vfio_emu.errors import EmulatorError, InvalidArgumentError
 from vfio_emu.explore.scenarios import RACES, Race
@@ -116,9 +118,10 @@ def run_race(driver: Driver, race: Race, mode: Mode, seed: int = 0,
             raise own[0]
         return ""
 
-    verdict = _one(driver, race.name, body, mode, seed,
-                   options={**race.options, "arena": _arena()}, unloads=race.unloads,
-                   timeline=_task_line)
+    with _watched():
+        verdict = _one(driver, race.name, body, mode, seed,
+                       options={**race.options, "arena": _arena()}, unloads=race.unloads,
+                       timeline=_task_line)
     if "mismatch" in got:
         raise got["mismatch"]
     sched = got.get("sched")
@@ -130,6 +133,26 @@ def run_race(driver: Driver, race: Race, mode: Mode, seed: int = 0,
     verdict.schedule = str(outcome.schedule)
     _mark_known(driver, race, verdict, mode)
     return outcome
+
+
+#: In a worker process: the file a hung run's stacks go to, by the worker's pid.
+_HANG_FILES: dict[int, Any] = {}
+
+
+@contextlib.contextmanager
+def _watched() -> Iterator[None]:
+    """In a worker, a run that takes more than BUDGET_S of real time ends the worker with
+    every thread's stack in its hang file: a task blocked the one thread the tasks share,
+    on something the emulated kernel cannot see (a plain lock, an event, a loop)."""
+    stacks = _HANG_FILES.get(os.getpid())
+    if stacks is None:  # not in a worker: the caller's own process is never ended
+        yield
+        return
+    faulthandler.dump_traceback_later(BUDGET_S, exit=True, file=stacks)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def _task_line(event: Any) -> str:
@@ -413,13 +436,16 @@ def _fork_all(workers: list[Callable[[Callable[..., None]], None]],
     """Each worker in a forked child, streaming pickled messages; on_message returning
     True stops them all.  A child that dies is one error line."""
     children: dict[int, tuple[int, bytearray]] = {}
+    hang_files: dict[int, Any] = {}  # closed in the finally below
     for work in workers:
         r, w = os.pipe()
+        stacks = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
         pid = os.fork()
         if pid == 0:  # the child: never returns
             os.close(r)
             code = 0
             out = os.fdopen(w, "wb")
+            _HANG_FILES[os.getpid()] = stacks
 
             def emit(msg: tuple[Any, ...], out: Any = out) -> None:
                 data = pickle.dumps(msg)
@@ -439,6 +465,7 @@ def _fork_all(workers: list[Callable[[Callable[..., None]], None]],
                     os._exit(code)
         os.close(w)
         children[r] = (pid, bytearray())
+        hang_files[pid] = stacks
     stop = False
     try:
         while children:
@@ -464,9 +491,12 @@ def _fork_all(workers: list[Callable[[Callable[..., None]], None]],
                     unlink_segments_of(pid)  # a worker killed or crashed cannot close its own
                     if stop:
                         continue
+                    hung = _hang_report(hang_files[pid])
                     if os.WIFSIGNALED(status):
                         on_error(f"a worker died of {signal.Signals(os.WTERMSIG(status)).name} "
                                  "(the driver crashed the interpreter)")
+                    elif hung:
+                        on_error(hung)
                     elif os.WEXITSTATUS(status) not in (0, 3):  # 3: it said why itself
                         on_error(f"a worker died (exit status {os.WEXITSTATUS(status)}) without "
                                  "a result (a runtime, e.g. a sanitizer, ended it)")
@@ -476,6 +506,20 @@ def _fork_all(workers: list[Callable[[Callable[..., None]], None]],
             os.close(fd)
             os.waitpid(pid, 0)
             unlink_segments_of(pid)
+        for stacks in hang_files.values():
+            stacks.close()
+
+
+def _hang_report(stacks: Any) -> str:
+    """The error line of a worker whose run hung (its hang file written), else ""."""
+    stacks.seek(0)
+    text = stacks.read().decode("utf-8", "replace")
+    if not text:
+        return ""
+    return (f"a run did not finish in {BUDGET_S:g} s (real time): a task blocked the thread "
+            "the tasks share, on something the emulated kernel cannot see (a plain lock, an "
+            "event, a loop); a lock held across kernel calls must be a linux.mutex.Mutex. "
+            f"Every thread's stack:\n{text}")
 
 
 def _kill(pid: int) -> None:

@@ -8,6 +8,7 @@ import ctypes
 import os
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -452,6 +453,37 @@ def test_two_threads_runs_never_share_an_arena():
     thread.start()
     thread.join()
     assert names and names[0] != explorer._arena().name
+
+
+_PLAIN = threading.Lock()
+
+
+class HoldsAPlainLockAcrossUnregister(ClosesIntoFreedRegions):
+    """Its remove holds a threading.Lock across the unregister wait, which its close needs:
+    a deadlock the emulated kernel cannot see (the tasks share one thread)."""
+
+    @hookimpl
+    def close_device(self, vdev: Any) -> None:
+        with _PLAIN:
+            pass
+
+    @hookimpl
+    def remove(self, kernel: Kernel, driver: Any, dev: Any) -> None:
+        vdev = dev.drvdata
+        with _PLAIN:
+            vfio_unregister_group_dev(vdev)
+        kfree(vdev.regions)
+        vfio_put_device(vdev)
+
+
+def test_a_run_that_blocks_the_thread_is_an_error_with_the_stacks_not_a_hung_explorer(
+        monkeypatch):
+    monkeypatch.setattr(explorer, "BUDGET_S", 1)  # real seconds: it never ends by itself
+    r = explore(driver_of(HoldsAPlainLockAcrossUnregister()), "close vs remove", V61,
+                budget=5)
+    assert r.errors and "did not finish in 1 s (real time)" in r.errors[0]
+    assert "plain lock" in r.errors[0] and "in close_device" in r.errors[0]
+    assert not _orphans()
 
 
 def test_a_killed_explorer_leaves_no_arena_of_its_workers_behind():
