@@ -162,6 +162,9 @@ static int64_t vfio_noop_gil(vfio_handle_t *h) { (void)h; return 0; }
 SANITIZE = os.environ.get("VFIO_EMU_SANITIZE", "")
 SANITIZE_FLAGS = ([f"-fsanitize={SANITIZE}", "-fno-sanitize-recover=all",
                    "-fno-omit-frame-pointer", "-g"] if SANITIZE else [])
+#: How every module is compiled.
+CFLAGS = ["-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall", "-Wextra",
+          "-Wno-unused-parameter", "-Werror=implicit-function-declaration", *SANITIZE_FLAGS]
 
 
 def _builder(module: str, functions: str, preamble: str = "",
@@ -178,9 +181,7 @@ def _builder(module: str, functions: str, preamble: str = "",
         sources=[os.path.join("csrc", name) for name in SOURCES],
         include_dirs=["csrc"],
         depends=["csrc/vfio_emu.h", "csrc/build_ffi.py", "csrc/pyref.c"],
-        extra_compile_args=[*defines, "-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall",
-                            "-Wextra", "-Wno-unused-parameter",
-                            "-Werror=implicit-function-declaration", *SANITIZE_FLAGS],
+        extra_compile_args=[*defines, *CFLAGS],
         extra_link_args=SANITIZE_FLAGS,
         libraries=["rt"],
     )
@@ -202,9 +203,7 @@ stackbuilder.cdef("uintptr_t vfio_stackcapture_type(void);")
 stackbuilder.set_source(
     "vfio_emu._stackwalk", '#include "pystack.c"',
     include_dirs=["csrc"], depends=["csrc/build_ffi.py", "csrc/pystack.c"],
-    extra_compile_args=["-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall", "-Wextra",
-                        "-Wno-unused-parameter", "-Werror=implicit-function-declaration",
-                        *SANITIZE_FLAGS],
+    extra_compile_args=CFLAGS,
     extra_link_args=SANITIZE_FLAGS,
     py_limited_api=False,
     define_macros=[("_CFFI_NO_LIMITED_API", None)],  # what py_limited_api=False sets in cffi

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import faulthandler
 import functools
+import math
 import os
 import pickle
 import random
@@ -118,10 +119,10 @@ def run_race(driver: Driver, race: Race, mode: Mode, seed: int = 0,
             raise own[0]
         return ""
 
-    with _watched():
-        verdict = _one(driver, race.name, body, mode, seed,
-                       options={**race.options, "arena": _arena()}, unloads=race.unloads,
-                       timeline=_task_line)
+    _watch_run()
+    verdict = _one(driver, race.name, body, mode, seed,
+                   options={**race.options, "arena": _arena()}, unloads=race.unloads,
+                   timeline=_task_line)
     if "mismatch" in got:
         raise got["mismatch"]
     sched = got.get("sched")
@@ -135,24 +136,25 @@ def run_race(driver: Driver, race: Race, mode: Mode, seed: int = 0,
     return outcome
 
 
-#: In a worker process: the file a hung run's stacks go to, by the worker's pid.
-_HANG_FILES: dict[int, Any] = {}
+#: In a worker process, by its pid: the file a hung run's stacks go to, and when the
+#: watchdog was last set.
+_HANG_FILES: dict[int, list[Any]] = {}
 
 
-@contextlib.contextmanager
-def _watched() -> Iterator[None]:
+def _watch_run() -> None:
     """In a worker, a run that takes more than BUDGET_S of real time ends the worker with
     every thread's stack in its hang file: a task blocked the one thread the tasks share,
-    on something the emulated kernel cannot see (a plain lock, an event, a loop)."""
-    stacks = _HANG_FILES.get(os.getpid())
-    if stacks is None:  # not in a worker: the caller's own process is never ended
-        yield
-        return
-    faulthandler.dump_traceback_later(BUDGET_S, exit=True, file=stacks)
-    try:
-        yield
-    finally:
-        faulthandler.cancel_dump_traceback_later()
+    on something the emulated kernel cannot see (a plain lock, an event, a loop).
+
+    Setting faulthandler's watchdog costs a thread start, a tenth of a run: it is set for
+    2 * BUDGET_S and set again only once BUDGET_S has passed, so every run has BUDGET_S at
+    least and a hung one ends within 2 * BUDGET_S."""
+    watch = _HANG_FILES.get(os.getpid())
+    if watch is not None:  # (in no other process: the caller's own is never ended)
+        now = time.monotonic()
+        if now - watch[1] > BUDGET_S:
+            faulthandler.dump_traceback_later(2 * BUDGET_S, exit=True, file=watch[0])
+            watch[1] = now
 
 
 def _task_line(event: Any) -> str:
@@ -445,7 +447,7 @@ def _fork_all(workers: list[Callable[[Callable[..., None]], None]],
             os.close(r)
             code = 0
             out = os.fdopen(w, "wb")
-            _HANG_FILES[os.getpid()] = stacks
+            _HANG_FILES[os.getpid()] = [stacks, -math.inf]
 
             def emit(msg: tuple[Any, ...], out: Any = out) -> None:
                 data = pickle.dumps(msg)
